@@ -1,0 +1,42 @@
+# The one entry point: `make run`, `make test`, `make lint`, `make bench`.
+# Only Python 3.11+ is needed: the virtualenv, the packages and (when KAM_DATABASE_URL /
+# KAM_REDIS_URL are not set) an embedded Postgres and Redis are set up on first use.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+
+.PHONY: install run test lint format bench bench-ingest clean
+
+install: $(INSTALLED)
+
+$(INSTALLED): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit("Python 3.11+ is required") if sys.version_info < (3, 11) else None'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[embedded,dev]'
+	touch $@
+
+run: install ## set up and run the API and the scorer on http://127.0.0.1:8000
+	$(BIN)/kam dev
+
+test: install ## the whole suite against real Postgres and Redis
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install ## ruff and mypy --strict (alembic check runs in the test suite)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bench: bench-ingest ## every benchmark, each figure beside its ceiling
+
+bench-ingest: install
+	$(BIN)/python -m bench.ingest
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

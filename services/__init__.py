@@ -1,0 +1,1 @@
+"""The KAM processes: the HTTP API, the scorer worker and the ``kam`` command."""

@@ -1,0 +1,1 @@
+"""The HTTP API: ingestion of producer events and the read API."""

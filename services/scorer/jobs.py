@@ -1,0 +1,76 @@
+"""Job functions of the scorer. They are thin: load, call the engine, store, inside one
+transaction that the job wrapper commits. arq may run a job more than once, so every job is
+idempotent, keyed by the account id."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from contextlib import asynccontextmanager
+from typing import Any
+
+import structlog
+from arq import Retry
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from services.scorer.enqueue import enqueue_rescores
+from shared.models import Account
+
+log = structlog.get_logger(__name__)
+
+# A sweep re-drives accounts that stayed dirty this long: longer than a debounced rescore takes.
+SWEEP_GRACE = timedelta(seconds=10)
+SWEEP_BATCH = 5000
+
+
+@asynccontextmanager
+async def job_session(ctx: dict[str, Any]) -> AsyncIterator[AsyncSession]:
+    """The worker's one commit point; a database outage becomes an arq retry with backoff."""
+    sessionmaker: async_sessionmaker[AsyncSession] = ctx["sessionmaker"]
+    try:
+        async with sessionmaker() as session, session.begin():
+            yield session
+    except (OperationalError, DBAPIError, OSError) as exc:
+        tries: int = ctx.get("job_try", 1)
+        log.warning("job_database_error", error=type(exc).__name__, job_try=tries)
+        raise Retry(defer=min(60, 2**tries)) from exc
+
+
+async def rescore_account(ctx: dict[str, Any], account_id: int) -> bool:
+    """Recompute one account and clear its dirty mark, unless an event arrived meanwhile.
+
+    Returns whether the mark was cleared. When it was not, the account stays dirty and the next
+    rescore (enqueued by the newer event, or by the sweeper) picks it up.
+    """
+    async with job_session(ctx) as session:
+        seen_seq = await session.scalar(select(Account.dirty_seq).where(Account.id == account_id))
+        if seen_seq is None:
+            return False  # the account is gone; nothing to do
+        # Scoring itself hooks in here (features -> score -> tier -> risk -> snapshot).
+        result = await session.execute(
+            update(Account)
+            .where(Account.id == account_id, Account.dirty_seq == seen_seq, Account.dirty)
+            .values(dirty=False, dirty_since=None)
+        )
+        cleared = bool(result.rowcount)  # type: ignore[attr-defined]
+    log.info("account_rescored", account_id=account_id, cleared=cleared)
+    return cleared
+
+
+async def sweep_dirty_accounts(ctx: dict[str, Any]) -> int:
+    """Re-enqueue accounts still dirty after the grace period: a lost job loses nothing."""
+    async with job_session(ctx) as session:
+        ids = list(
+            await session.scalars(
+                select(Account.id)
+                .where(Account.dirty, Account.dirty_since < func.now() - SWEEP_GRACE)
+                .order_by(Account.dirty_since)
+                .limit(SWEEP_BATCH)
+            )
+        )
+    if ids:
+        failed = await enqueue_rescores(ctx["redis"], ids, defer_s=0)
+        log.info("swept_dirty_accounts", count=len(ids), failed=failed)
+    return len(ids)

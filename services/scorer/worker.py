@@ -1,0 +1,72 @@
+"""arq worker definition: the functions and crons the scorer runs, and its lifecycle."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from arq import cron
+from arq.worker import Function, Worker, func
+
+from services.scorer import jobs
+from services.scorer.enqueue import RESCORE_ACCOUNT, create_redis
+from shared.db import create_engine, create_sessionmaker
+from shared.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+
+async def _startup(ctx: dict[str, Any]) -> None:
+    settings: Settings = ctx["settings"]
+    ctx["engine"] = create_engine(settings)
+    ctx["sessionmaker"] = create_sessionmaker(ctx["engine"])
+    log.info("scorer_started", queue=settings.queue_name)
+
+
+async def _shutdown(ctx: dict[str, Any]) -> None:
+    await ctx["engine"].dispose()
+    log.info("scorer_stopped")
+
+
+def functions(settings: Settings) -> list[Function]:
+    # keep_result=0: a finished job leaves no result key behind, so the next enqueue with the same
+    # job id is accepted at once instead of being swallowed as a duplicate.
+    return [
+        func(
+            jobs.rescore_account,
+            name=RESCORE_ACCOUNT,
+            keep_result=0,
+            timeout=settings.job_timeout_s,
+            max_tries=8,
+        ),
+    ]
+
+
+def create_worker(settings: Settings, *, burst: bool = False) -> Worker:
+    """A worker bound to the configured Redis and Postgres; ``burst`` drains the queue and stops."""
+    sweep_seconds = set(range(0, 60, settings.sweep_interval_s)) if settings.sweep_interval_s < 60 else {0}
+    return Worker(
+        functions=functions(settings),  # type: ignore[arg-type]
+        cron_jobs=[
+            cron(
+                jobs.sweep_dirty_accounts,  # type: ignore[arg-type]
+                second=sweep_seconds,
+                run_at_startup=True,
+                unique=True,
+                keep_result=0,
+                timeout=120,
+            ),
+        ],
+        redis_pool=create_redis(settings),
+        queue_name=settings.queue_name,
+        on_startup=_startup,
+        on_shutdown=_shutdown,
+        ctx={"settings": settings},
+        max_jobs=settings.worker_max_jobs,
+        job_timeout=settings.job_timeout_s,
+        keep_result=0,
+        burst=burst,
+        poll_delay=0.05,
+        handle_signals=not burst,
+        health_check_interval=30,
+    )

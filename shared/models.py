@@ -1,0 +1,415 @@
+"""SQLAlchemy models: the tables of the service (DESIGN section 3).
+
+Money is ``numeric(14,2)``, timestamps ``timestamptz``, ids ``bigint`` identity, and every row a
+producer sends is addressed by its ``external_id``. ``source_version`` is the producer version last
+applied to the row; a stub created by a reference (an order for an unseen account) has none.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import (
+    ARRAY,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Double,
+    ForeignKey,
+    Identity,
+    Index,
+    Integer,
+    MetaData,
+    Numeric,
+    SmallInteger,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+EXTERNAL_ID_LENGTH = 128
+Money = Numeric(14, 2)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {
+        datetime: DateTime(timezone=True),
+        dict[str, Any]: JSONB,
+        list[Any]: JSONB,
+        Decimal: Money,
+    }
+
+
+def _pk() -> Mapped[int]:
+    return mapped_column(BigInteger, Identity(always=False), primary_key=True)
+
+
+def _created() -> Mapped[datetime]:
+    return mapped_column(server_default=func.now())
+
+
+def _updated() -> Mapped[datetime]:
+    return mapped_column(server_default=func.now(), onupdate=func.now())
+
+
+class Manager(Base):
+    """A key-account manager. ``capacity`` is how many key accounts they can look after."""
+
+    __tablename__ = "managers"
+
+    id: Mapped[int] = _pk()
+    external_id: Mapped[str] = mapped_column(String(EXTERNAL_ID_LENGTH), unique=True)
+    name: Mapped[str | None] = mapped_column(String(200))
+    email: Mapped[str | None] = mapped_column(String(320))
+    capacity: Mapped[int] = mapped_column(SmallInteger, server_default=text("9"))
+    source_version: Mapped[int | None] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = _created()
+    updated_at: Mapped[datetime] = _updated()
+
+    __table_args__ = (CheckConstraint("capacity >= 0", name="capacity_non_negative"),)
+
+
+class Account(Base):
+    """A customer account, its master data, its current tier and risk, and its dirty mark."""
+
+    __tablename__ = "accounts"
+
+    id: Mapped[int] = _pk()
+    external_id: Mapped[str] = mapped_column(String(EXTERNAL_ID_LENGTH), unique=True)
+    name: Mapped[str | None] = mapped_column(String(300))
+    industry: Mapped[str | None] = mapped_column(String(100))
+    region: Mapped[str | None] = mapped_column(String(100))
+    segment: Mapped[str | None] = mapped_column(String(100))
+    parent_id: Mapped[int | None] = mapped_column(
+        ForeignKey("accounts.id", ondelete="SET NULL"), index=True
+    )
+    manager_id: Mapped[int | None] = mapped_column(
+        ForeignKey("managers.id", ondelete="SET NULL"), index=True
+    )
+    credit_limit: Mapped[Decimal | None]
+    payment_terms_days: Mapped[int | None] = mapped_column(SmallInteger)
+    strategic_fit: Mapped[int | None] = mapped_column(SmallInteger)
+    status: Mapped[str] = mapped_column(String(16), server_default=text("'active'"))
+    churn_reason: Mapped[str | None] = mapped_column(Text)
+
+    # Written by the scorer only; no client field maps onto these.
+    tier: Mapped[str | None] = mapped_column(String(16), index=True)
+    tier_since: Mapped[datetime | None]
+    value_score: Mapped[float | None] = mapped_column(Double)
+    risk_probability: Mapped[float | None] = mapped_column(Double)
+    risk_band: Mapped[str | None] = mapped_column(String(16), index=True)
+    scored_at: Mapped[datetime | None]
+    tier_override: Mapped[str | None] = mapped_column(String(16))
+    tier_override_reason: Mapped[str | None] = mapped_column(Text)
+    tier_override_expires_at: Mapped[datetime | None]
+    tier_change_seq: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+
+    source_version: Mapped[int | None] = mapped_column(BigInteger)
+    # The scorer's to-do mark. ``dirty_seq`` grows with every change, so a rescore clears the mark
+    # only if nothing arrived while it ran.
+    dirty: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    dirty_seq: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    dirty_since: Mapped[datetime | None]
+    created_at: Mapped[datetime] = _created()
+    updated_at: Mapped[datetime] = _updated()
+
+    __table_args__ = (
+        CheckConstraint("strategic_fit BETWEEN 1 AND 5", name="strategic_fit_range"),
+        CheckConstraint("status IN ('active', 'lost')", name="status_valid"),
+        Index("ix_accounts_dirty_since", "dirty_since", postgresql_where=text("dirty")),
+    )
+
+
+class Contact(Base):
+    """A person at an account. Name, email, phone, address, gender and birth year are PII."""
+
+    __tablename__ = "contacts"
+
+    id: Mapped[int] = _pk()
+    external_id: Mapped[str] = mapped_column(String(EXTERNAL_ID_LENGTH), unique=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str | None] = mapped_column(String(200))
+    role: Mapped[str | None] = mapped_column(String(32))
+    email: Mapped[str | None] = mapped_column(String(320))
+    phone: Mapped[str | None] = mapped_column(String(64))
+    address: Mapped[str | None] = mapped_column(Text)
+    gender: Mapped[str | None] = mapped_column(String(32))
+    birth_year: Mapped[int | None] = mapped_column(SmallInteger)
+    erased_at: Mapped[datetime | None]
+    source_version: Mapped[int | None] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = _created()
+    updated_at: Mapped[datetime] = _updated()
+
+
+class Order(Base):
+    """An order: net ``amount`` and ``cost`` give gross profit; ``lines`` carry the categories."""
+
+    __tablename__ = "orders"
+
+    id: Mapped[int] = _pk()
+    external_id: Mapped[str] = mapped_column(String(EXTERNAL_ID_LENGTH), unique=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"))
+    ordered_at: Mapped[datetime]
+    amount: Mapped[Decimal]
+    cost: Mapped[Decimal | None]
+    currency: Mapped[str] = mapped_column(String(3))
+    status: Mapped[str] = mapped_column(String(16))
+    # [{category, quantity, amount}]; kept with the order so an update replaces them atomically.
+    lines: Mapped[list[Any]] = mapped_column(server_default=text("'[]'::jsonb"))
+    source_version: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = _created()
+    updated_at: Mapped[datetime] = _updated()
+
+    __table_args__ = (
+        Index("ix_orders_account_id_ordered_at", "account_id", "ordered_at"),
+        CheckConstraint("status IN ('placed', 'cancelled', 'returned')", name="status_valid"),
+    )
+
+
+class Interaction(Base):
+    """A touch point: a call, email, visit, seminar, complaint or satisfaction survey."""
+
+    __tablename__ = "interactions"
+
+    id: Mapped[int] = _pk()
+    external_id: Mapped[str] = mapped_column(String(EXTERNAL_ID_LENGTH), unique=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"))
+    contact_id: Mapped[int | None] = mapped_column(
+        ForeignKey("contacts.id", ondelete="SET NULL"), index=True
+    )
+    channel: Mapped[str] = mapped_column(String(16))
+    direction: Mapped[str] = mapped_column(String(16))
+    kind: Mapped[str] = mapped_column(String(16))
+    occurred_at: Mapped[datetime]
+    satisfaction: Mapped[int | None] = mapped_column(SmallInteger)
+    summary: Mapped[str | None] = mapped_column(Text)
+    source_version: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = _created()
+    updated_at: Mapped[datetime] = _updated()
+
+    __table_args__ = (
+        Index("ix_interactions_account_id_occurred_at", "account_id", "occurred_at"),
+        CheckConstraint("satisfaction BETWEEN 1 AND 5", name="satisfaction_range"),
+    )
+
+
+class Payment(Base):
+    """An invoice and its payment; days late derive from ``due_at`` and ``paid_at``."""
+
+    __tablename__ = "payments"
+
+    id: Mapped[int] = _pk()
+    invoice_external_id: Mapped[str] = mapped_column(String(EXTERNAL_ID_LENGTH), unique=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"))
+    amount: Mapped[Decimal]
+    currency: Mapped[str] = mapped_column(String(3))
+    due_at: Mapped[datetime]
+    paid_at: Mapped[datetime | None]
+    source_version: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = _created()
+    updated_at: Mapped[datetime] = _updated()
+
+    __table_args__ = (Index("ix_payments_account_id_due_at", "account_id", "due_at"),)
+
+
+class IngestEvent(Base):
+    """Every accepted event as received, for audit and replay. ``event_id`` makes ingestion
+    idempotent: a repeat finds its row and changes nothing."""
+
+    __tablename__ = "ingest_events"
+
+    event_id: Mapped[str] = mapped_column(String(EXTERNAL_ID_LENGTH), primary_key=True)
+    type: Mapped[str] = mapped_column(String(16))
+    # The account the event is about, by the producer's id: found for export and erasure even
+    # when the account row was never created or was deleted.
+    account_external_id: Mapped[str | None] = mapped_column(
+        String(EXTERNAL_ID_LENGTH), index=True
+    )
+    status: Mapped[str] = mapped_column(String(16))
+    payload: Mapped[dict[str, Any]]
+    api_key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id", ondelete="SET NULL"))
+    received_at: Mapped[datetime] = _created()
+
+
+class ApiKey(Base):
+    """An API key. Only a SHA-256 of the key is kept; ``prefix`` finds the row."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = _pk()
+    name: Mapped[str] = mapped_column(String(100))
+    prefix: Mapped[str] = mapped_column(String(16), unique=True)
+    key_hash: Mapped[str] = mapped_column(String(64))
+    scopes: Mapped[list[str]] = mapped_column(ARRAY(String(32)))
+    created_at: Mapped[datetime] = _created()
+    last_used_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
+
+
+class ScoringPolicy(Base):
+    """A version of the scoring policy (weights, gates, thresholds). Exactly one is active."""
+
+    __tablename__ = "scoring_policies"
+
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    body: Mapped[dict[str, Any]]
+    active: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    comment: Mapped[str | None] = mapped_column(Text)
+    created_by: Mapped[str | None] = mapped_column(String(100))
+    created_at: Mapped[datetime] = _created()
+
+    __table_args__ = (
+        Index(
+            "uq_scoring_policies_one_active", "active", unique=True, postgresql_where=text("active")
+        ),
+    )
+
+
+class PopulationFit(Base):
+    """Facts about the whole portfolio from the last portfolio pass: profit ranking cut-offs,
+    feature percentiles and the retention model's fitted parameters."""
+
+    __tablename__ = "population_fits"
+
+    id: Mapped[int] = _pk()
+    policy_version: Mapped[int] = mapped_column(ForeignKey("scoring_policies.version"))
+    evaluated_at: Mapped[datetime]
+    accounts: Mapped[int] = mapped_column(Integer)
+    facts: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime] = _created()
+
+
+class ScoreSnapshot(Base):
+    """One evaluation of an account: its features, score, tier, risk and the reasons."""
+
+    __tablename__ = "score_snapshots"
+
+    id: Mapped[int] = _pk()
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"))
+    computed_at: Mapped[datetime]
+    policy_version: Mapped[int] = mapped_column(ForeignKey("scoring_policies.version"))
+    features: Mapped[dict[str, Any]]
+    value_score: Mapped[float] = mapped_column(Double)
+    tier: Mapped[str] = mapped_column(String(16))
+    risk_probability: Mapped[float | None] = mapped_column(Double)
+    risk_band: Mapped[str | None] = mapped_column(String(16))
+    drivers: Mapped[dict[str, Any]]
+
+    __table_args__ = (
+        Index("ix_score_snapshots_account_id_computed_at", "account_id", "computed_at"),
+    )
+
+
+class TierChange(Base):
+    """A change of an account's tier; ``seq`` counts the changes of one account from 1."""
+
+    __tablename__ = "tier_changes"
+
+    id: Mapped[int] = _pk()
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"))
+    seq: Mapped[int] = mapped_column(Integer)
+    from_tier: Mapped[str | None] = mapped_column(String(16))
+    to_tier: Mapped[str] = mapped_column(String(16))
+    changed_at: Mapped[datetime]
+    reasons: Mapped[dict[str, Any]]
+    snapshot_id: Mapped[int | None] = mapped_column(
+        ForeignKey("score_snapshots.id", ondelete="SET NULL")
+    )
+
+    __table_args__ = (UniqueConstraint("account_id", "seq", name="uq_tier_changes_account_seq"),)
+
+
+class WebhookEndpoint(Base):
+    """A subscriber. ``secret`` signs deliveries; during a rotation ``previous_secret`` signs
+    too until ``previous_secret_expires_at``."""
+
+    __tablename__ = "webhook_endpoints"
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID, primary_key=True, default=uuid.uuid4)
+    url: Mapped[str] = mapped_column(String(2048))
+    description: Mapped[str | None] = mapped_column(Text)
+    event_types: Mapped[list[str]] = mapped_column(ARRAY(String(64)))
+    enabled: Mapped[bool] = mapped_column(Boolean, server_default=text("true"))
+    disabled_reason: Mapped[str | None] = mapped_column(Text)
+    disabled_at: Mapped[datetime | None]
+    secret: Mapped[str] = mapped_column(String(128))
+    previous_secret: Mapped[str | None] = mapped_column(String(128))
+    previous_secret_expires_at: Mapped[datetime | None]
+    failing_since: Mapped[datetime | None]
+    created_at: Mapped[datetime] = _created()
+    updated_at: Mapped[datetime] = _updated()
+
+
+class WebhookEvent(Base):
+    """An event to tell subscribers about; its id is the ``webhook-id`` of every delivery."""
+
+    __tablename__ = "webhook_events"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    type: Mapped[str] = mapped_column(String(64))
+    account_id: Mapped[int | None] = mapped_column(
+        ForeignKey("accounts.id", ondelete="SET NULL"), index=True
+    )
+    account_seq: Mapped[int | None] = mapped_column(Integer)
+    payload: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime] = _created()
+
+
+class WebhookDelivery(Base):
+    """One event to one endpoint; the schedule of its retries lives here, not in Redis."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[int] = _pk()
+    event_id: Mapped[str] = mapped_column(ForeignKey("webhook_events.id", ondelete="CASCADE"))
+    endpoint_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("webhook_endpoints.id", ondelete="CASCADE")
+    )
+    status: Mapped[str] = mapped_column(String(16), server_default=text("'pending'"))
+    attempts: Mapped[int] = mapped_column(SmallInteger, server_default=text("0"))
+    next_attempt_at: Mapped[datetime | None]
+    last_attempt_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = _created()
+
+    __table_args__ = (
+        UniqueConstraint("event_id", "endpoint_id", name="uq_webhook_deliveries_event_endpoint"),
+        Index(
+            "ix_webhook_deliveries_due",
+            "next_attempt_at",
+            postgresql_where=text("status = 'pending'"),
+        ),
+        Index("ix_webhook_deliveries_endpoint_id_created_at", "endpoint_id", "created_at"),
+    )
+
+
+class WebhookAttempt(Base):
+    """One try of a delivery: when, the answer's status code, latency and an excerpt."""
+
+    __tablename__ = "webhook_attempts"
+
+    id: Mapped[int] = _pk()
+    delivery_id: Mapped[int] = mapped_column(
+        ForeignKey("webhook_deliveries.id", ondelete="CASCADE"), index=True
+    )
+    attempted_at: Mapped[datetime]
+    status_code: Mapped[int | None] = mapped_column(SmallInteger)
+    latency_ms: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    response_excerpt: Mapped[str | None] = mapped_column(Text)

@@ -1,0 +1,262 @@
+"""Pydantic schemas of the events producers send.
+
+Every model forbids unknown fields, so a client can never set tier, risk or scores; every string
+refuses NUL characters and has a length bound, and every number has a range, so what passes
+validation always fits its column.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Annotated, Literal, Self
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    model_validator,
+)
+
+from shared.enums import (
+    AccountStatus,
+    Channel,
+    ContactRole,
+    Direction,
+    InteractionKind,
+    OrderStatus,
+)
+from shared.models import EXTERNAL_ID_LENGTH
+
+_NO_CONTROL = r"^[^\x00-\x08\x0b\x0c\x0e-\x1f]*$"
+
+
+def _text(max_length: int, min_length: int = 0) -> object:
+    return StringConstraints(min_length=min_length, max_length=max_length, pattern=_NO_CONTROL)
+
+
+ExternalId = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=EXTERNAL_ID_LENGTH, pattern=r"^[^\x00-\x1f\x7f]+$"),
+    Field(description="The producer's identifier, 1-128 printable characters.", examples=["A-1001"]),
+]
+EventId = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=EXTERNAL_ID_LENGTH, pattern=r"^[^\x00-\x1f\x7f]+$"),
+    Field(
+        description="Client-chosen id of this event (at most 128 characters). Sending the same "
+        "event_id again is acknowledged as a duplicate and changes nothing.",
+        examples=["erp-2026-11-23-000123"],
+    ),
+]
+ShortText = Annotated[str, _text(100, 1)]
+Name = Annotated[str, _text(300, 1)]
+LongText = Annotated[str, _text(4000)]
+Currency = Annotated[
+    str,
+    StringConstraints(pattern=r"^[A-Z]{3}$"),
+    Field(description="ISO 4217 code.", examples=["EUR"]),
+]
+Amount = Annotated[
+    Decimal,
+    Field(ge=0, max_digits=14, decimal_places=2, allow_inf_nan=False, examples=["1250.00"]),
+]
+Quantity = Annotated[Decimal, Field(ge=0, max_digits=14, decimal_places=3, allow_inf_nan=False)]
+Email = Annotated[
+    str,
+    StringConstraints(max_length=320, pattern=r"^[^@\s\x00-\x1f]+@[^@\s\x00-\x1f]+$"),
+]
+Timestamp = Annotated[
+    AwareDatetime,
+    Field(description="RFC 3339 date-time with a UTC offset.", examples=["2026-11-23T09:30:00Z"]),
+]
+
+MAX_VERSION = 2**63 - 1
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+class StrictModel(BaseModel):
+    """Base of every request body: unknown fields are an error, not silently dropped."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Versioned(StrictModel):
+    """An event that carries the producer's version of the entity it describes.
+
+    Give exactly one of ``version`` (a number that grows with every change) or ``updated_at``
+    (the time of the change at the source). An event whose version is not newer than the one
+    already applied is stored for audit but changes nothing (``stale``).
+    """
+
+    event_id: EventId
+    version: Annotated[
+        int | None,
+        Field(ge=0, le=MAX_VERSION, description="Producer version of the entity.", examples=[7]),
+    ] = None
+    updated_at: Annotated[
+        AwareDatetime | None,
+        Field(description="Time of the change at the source, instead of version."),
+    ] = None
+
+    @model_validator(mode="after")
+    def _one_version(self) -> Self:
+        if (self.version is None) == (self.updated_at is None):
+            raise ValueError("give exactly one of version or updated_at")
+        return self
+
+    @property
+    def source_version(self) -> int:
+        """The version as one comparable integer: ``updated_at`` counts in microseconds."""
+        if self.version is not None:
+            return self.version
+        assert self.updated_at is not None
+        return max(0, (self.updated_at - _EPOCH) // timedelta(microseconds=1))
+
+
+class AccountData(Versioned):
+    """Master data of an account (the body of ``PUT /v1/accounts/{external_id}``)."""
+
+    name: Name
+    industry: ShortText | None = None
+    region: ShortText | None = None
+    segment: ShortText | None = None
+    parent_external_id: ExternalId | None = Field(
+        default=None, description="The group this account belongs to; groups roll up subsidiaries."
+    )
+    manager_external_id: ExternalId | None = Field(
+        default=None, description="The key-account manager looking after it."
+    )
+    credit_limit: Amount | None = None
+    payment_terms_days: int | None = Field(default=None, ge=0, le=365)
+    strategic_fit: int | None = Field(
+        default=None, ge=1, le=5, description="Manager judgement of strategic fit, 1 (low) to 5."
+    )
+    status: AccountStatus = AccountStatus.active
+    churn_reason: LongText | None = Field(
+        default=None, description="Why the account was lost; only with status lost."
+    )
+
+    @model_validator(mode="after")
+    def _churn_reason_only_when_lost(self) -> Self:
+        if self.churn_reason is not None and self.status is not AccountStatus.lost:
+            raise ValueError("churn_reason is only allowed with status lost")
+        return self
+
+
+class ManagerData(Versioned):
+    """A key-account manager (the body of ``PUT /v1/managers/{external_id}``)."""
+
+    name: Name
+    email: Email | None = None
+    capacity: int = Field(default=9, ge=0, le=1000, description="Key accounts they can handle.")
+
+
+class OrderLine(StrictModel):
+    category: ShortText
+    quantity: Quantity
+    amount: Amount
+
+
+class OrderData(Versioned):
+    """An order. A later event for the same ``external_id`` (higher version) updates it."""
+
+    external_id: ExternalId
+    account_external_id: ExternalId
+    ordered_at: Timestamp
+    amount: Amount = Field(description="Net amount.")
+    cost: Amount | None = Field(default=None, description="Cost of goods; gives gross profit.")
+    currency: Currency
+    status: OrderStatus = OrderStatus.placed
+    lines: list[OrderLine] = Field(default_factory=list, max_length=1000)
+
+
+class ContactData(Versioned):
+    """A person at an account. Everything but ``role`` is personal data."""
+
+    external_id: ExternalId
+    account_external_id: ExternalId
+    name: Name | None = None
+    role: ContactRole | None = None
+    email: Email | None = None
+    phone: Annotated[str, StringConstraints(max_length=64, pattern=r"^[0-9+()./ \-x]*$")] | None = (
+        None
+    )
+    address: LongText | None = None
+    gender: ShortText | None = None
+    birth_year: int | None = Field(default=None, ge=1900, le=2100)
+
+
+class InteractionData(Versioned):
+    """A contact with the account; ``satisfaction`` (1 very dissatisfied ... 5 very satisfied)
+    belongs to surveys only."""
+
+    external_id: ExternalId
+    account_external_id: ExternalId
+    contact_external_id: ExternalId | None = None
+    channel: Channel
+    direction: Direction
+    kind: InteractionKind
+    occurred_at: Timestamp
+    satisfaction: int | None = Field(default=None, ge=1, le=5)
+    summary: LongText | None = None
+
+    @model_validator(mode="after")
+    def _satisfaction_only_for_surveys(self) -> Self:
+        if self.satisfaction is not None and self.kind is not InteractionKind.survey:
+            raise ValueError("satisfaction is only allowed on kind survey")
+        return self
+
+
+class PaymentData(Versioned):
+    """An invoice of an account and, once paid, when. A later event updates the invoice."""
+
+    invoice_external_id: ExternalId
+    account_external_id: ExternalId
+    amount: Amount
+    currency: Currency
+    due_at: Timestamp
+    paid_at: Timestamp | None = None
+
+
+# Items of the mixed batch: the same fields plus a ``type`` (and the path ids in the body).
+
+
+class AccountEvent(AccountData):
+    type: Literal["account"]
+    external_id: ExternalId
+
+    @model_validator(mode="after")
+    def _not_own_parent(self) -> Self:
+        if self.parent_external_id == self.external_id:
+            raise ValueError("an account cannot be its own parent")
+        return self
+
+
+class ManagerEvent(ManagerData):
+    type: Literal["manager"]
+    external_id: ExternalId
+
+
+class OrderEvent(OrderData):
+    type: Literal["order"]
+
+
+class ContactEvent(ContactData):
+    type: Literal["contact"]
+
+
+class InteractionEvent(InteractionData):
+    type: Literal["interaction"]
+
+
+class PaymentEvent(PaymentData):
+    type: Literal["payment"]
+
+
+Event = Annotated[
+    AccountEvent | ManagerEvent | OrderEvent | ContactEvent | InteractionEvent | PaymentEvent,
+    Field(discriminator="type"),
+]

@@ -1,0 +1,73 @@
+"""Service settings, read from ``KAM_*`` environment variables."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from functools import lru_cache
+from typing import Self
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Environment(StrEnum):
+    development = "development"
+    test = "test"
+    production = "production"
+
+
+class Settings(BaseSettings):
+    """Every tunable of the service. Names map to ``KAM_<NAME>`` environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="KAM_", env_file=".env", extra="ignore")
+
+    env: Environment = Environment.development
+    database_url: str = Field(
+        default="",
+        description="SQLAlchemy URL, e.g. postgresql+asyncpg://kam@db/kam. Required outside dev.",
+    )
+    redis_url: str = Field(default="", description="redis://host:port/db. Required outside dev.")
+    log_level: str = "INFO"
+    log_json: bool = False
+
+    # Connection pool and timeouts: a dead dependency must answer quickly, not hang a request.
+    db_pool_size: int = Field(default=10, ge=1)
+    db_max_overflow: int = Field(default=10, ge=0)
+    db_connect_timeout_s: float = Field(default=3.0, gt=0)
+    db_statement_timeout_ms: int = Field(default=30_000, ge=0)
+    redis_timeout_s: float = Field(default=2.0, gt=0)
+    retry_after_s: int = Field(default=5, ge=1, description="Retry-After sent with 503 answers.")
+
+    # Ingestion limits.
+    max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    max_batch_events: int = Field(default=1000, ge=1)
+    page_size_max: int = Field(default=500, ge=1)
+
+    # Scorer.
+    queue_name: str = "kam:queue"
+    rescore_debounce_s: float = Field(default=0.5, ge=0)
+    sweep_interval_s: int = Field(default=30, ge=1)
+    worker_max_jobs: int = Field(default=10, ge=1)
+    job_timeout_s: int = Field(default=300, ge=1)
+
+    # Development only: where `kam dev` keeps the embedded Postgres and Redis.
+    data_dir: str = ".kam"
+
+    @model_validator(mode="after")
+    def _require_real_servers_outside_dev(self) -> Self:
+        if self.env is Environment.production:
+            missing = [
+                name
+                for name, value in (("KAM_DATABASE_URL", self.database_url),
+                                    ("KAM_REDIS_URL", self.redis_url))
+                if not value
+            ]
+            if missing:
+                raise ValueError(f"{', '.join(missing)} must be set in production")
+        return self
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return Settings()
