@@ -41,12 +41,12 @@ def embedded_services(data_dir: Path, *, database: str = "kam") -> Iterator[Embe
 
 @contextmanager
 def _postgres(pgdata: Path, database: str) -> Iterator[str]:
-    try:
-        import pgserver
-    except ImportError as exc:  # pragma: no cover - depends on the install
-        raise EmbeddedUnavailable("pip install 'kam[embedded]' for embedded Postgres") from exc
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # platformdirs warns about XDG_RUNTIME_DIR on servers
+        try:
+            import pgserver
+        except ImportError as exc:  # pragma: no cover - depends on the install
+            raise EmbeddedUnavailable("pip install 'kam[embedded]' for embedded Postgres") from exc
         server = pgserver.get_server(pgdata, cleanup_mode="stop")
     try:
         exists = server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{database}';")

@@ -37,7 +37,9 @@ def create_redis(settings: Settings) -> ArqRedis:
         retry_on_timeout=False,
         max_connections=64,
     )
-    return ArqRedis(pool, default_queue_name=settings.queue_name)
+    redis: ArqRedis = ArqRedis.from_pool(pool)  # the client owns the pool: aclose() closes it
+    redis.default_queue_name = settings.queue_name
+    return redis
 
 
 async def enqueue_rescores(

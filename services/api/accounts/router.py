@@ -114,7 +114,7 @@ async def list_accounts(
     if cursor is not None:
         (after,) = decode_cursor(cursor, int)
         query = query.where(Account.id > after)
-    rows = (await session.execute(query)).tuples().all()
+    rows = (await session.execute(query)).all()
     page = rows[:limit]
     return AccountPage(
         items=[AccountSummary.model_validate(_summary(*row)) for row in page],
@@ -129,7 +129,7 @@ async def get_account(external_id: AccountId, session: SessionDep, _: Reader) ->
     `accounts:read`."""
     row = (
         await session.execute(_summary_query().where(Account.external_id == external_id))
-    ).tuples().first()
+    ).first()
     if row is None:
         raise NotFound(f"No account with external_id {external_id!r}.")
     account = row[0]
@@ -223,7 +223,7 @@ async def list_interactions(
         Interaction.id,
         cursor,
     )
-    rows = (await session.execute(query.limit(limit + 1))).tuples().all()
+    rows = (await session.execute(query.limit(limit + 1))).all()
     page = rows[:limit]
     return InteractionPage(
         items=[

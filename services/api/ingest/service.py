@@ -213,7 +213,7 @@ async def _ensure(session: AsyncSession, table: Any, refs: set[str]) -> dict[str
     result = await session.execute(
         select(table.c.external_id, table.c.id).where(table.c.external_id.in_(ordered))
     )
-    return {external_id: id_ for external_id, id_ in result.tuples()}
+    return {external_id: id_ for external_id, id_ in result}
 
 
 async def _ensure_contacts(
@@ -231,7 +231,7 @@ async def _ensure_contacts(
     result = await session.execute(
         select(Contact.external_id, Contact.id).where(Contact.external_id.in_(ordered))
     )
-    return dict(result.tuples().all())
+    return dict(result.all())
 
 
 async def _apply(

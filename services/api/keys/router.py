@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, status
+from fastapi import APIRouter, Depends, Path, Request, status
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from services.api.deps import SessionDep, require
@@ -80,6 +80,7 @@ async def list_keys(session: SessionDep, _: Admin) -> list[KeyOut]:
 )
 async def revoke_key(
     prefix: Annotated[str, Path(pattern=r"^[0-9a-f]{8}$", description="The key's prefix.")],
+    request: Request,
     session: SessionDep,
     _: Admin,
 ) -> KeyOut:
@@ -87,4 +88,5 @@ async def revoke_key(
     key = await revoke_api_key(session, key=prefix)
     if key is None:
         raise NotFound(f"No API key with prefix {prefix!r}.")
+    request.app.state.key_verifier.forget(key.id)
     return KeyOut.of(key)

@@ -117,3 +117,7 @@ class KeyVerifier:
             self._cache.clear()
         self._cache[digest] = (principal, now + self._ttl_s)
         return principal
+
+    def forget(self, key_id: int) -> None:
+        """Drop a key from the cache at once (after a revocation through this process)."""
+        self._cache = {d: entry for d, entry in self._cache.items() if entry[0].key_id != key_id}

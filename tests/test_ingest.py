@@ -1,0 +1,263 @@
+"""Ingestion: idempotency, versions, stubs, batches, and the dirty mark."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from shared.models import Account, Contact, IngestEvent, Interaction, Manager, Order, Payment
+from tests import factories
+
+
+async def _count(session: AsyncSession, model: Any) -> int:
+    return int(await session.scalar(select(func.count()).select_from(model)) or 0)
+
+
+async def test_order_is_durable_before_202_and_marks_account_dirty(
+    client: httpx.AsyncClient, admin_headers: dict[str, str], session: AsyncSession
+) -> None:
+    body = factories.order("A-1", external_id="SO-1")
+    response = await client.post("/v1/orders", json=body, headers=admin_headers)
+    assert response.status_code == 202
+    assert response.json() == {"event_id": body["event_id"], "status": "accepted"}
+
+    stored = await session.scalar(select(Order).where(Order.external_id == "SO-1"))
+    assert stored is not None
+    assert str(stored.amount) == "1000.00"
+    assert stored.lines == [{"category": "tools", "quantity": "2", "amount": "1000.00"}]
+    account = await session.scalar(select(Account).where(Account.external_id == "A-1"))
+    assert account is not None
+    assert account.dirty and account.dirty_seq == 1
+    assert account.source_version is None  # a stub until its account event arrives
+
+
+async def test_same_event_twice_is_a_duplicate_and_changes_nothing(
+    client: httpx.AsyncClient, admin_headers: dict[str, str], session: AsyncSession
+) -> None:
+    body = factories.order("A-1", external_id="SO-1")
+    first = await client.post("/v1/orders", json=body, headers=admin_headers)
+    # Same event_id, different content: still the same event, so it must change nothing.
+    second = await client.post(
+        "/v1/orders", json=body | {"amount": "5.00", "version": 9}, headers=admin_headers
+    )
+    assert first.json()["status"] == "accepted"
+    assert second.status_code == 202
+    assert second.json()["status"] == "duplicate"
+    assert await _count(session, Order) == 1
+    assert await _count(session, IngestEvent) == 1
+    stored = await session.scalar(select(Order.amount))
+    assert str(stored) == "1000.00"
+    dirty_seq = await session.scalar(select(Account.dirty_seq))
+    assert dirty_seq == 1  # a duplicate does not ask for another rescore
+
+
+async def test_same_batch_twice(
+    client: httpx.AsyncClient, admin_headers: dict[str, str], session: AsyncSession
+) -> None:
+    events = [
+        factories.batch_item("account", factories.account(), external_id="A-1"),
+        factories.batch_item("order", factories.order("A-1")),
+        factories.batch_item("contact", factories.contact("A-1")),
+        factories.batch_item("interaction", factories.interaction("A-1")),
+        factories.batch_item("payment", factories.payment("A-1")),
+        factories.batch_item("manager", {"event_id": "m1", "version": 1, "name": "Kim"},
+                             external_id="M-1"),
+    ]
+    first = await client.post("/v1/events", json={"events": events}, headers=admin_headers)
+    second = await client.post("/v1/events", json={"events": events}, headers=admin_headers)
+    assert first.status_code == 202
+    assert first.json()["accepted"] == 6
+    assert (first.json()["duplicates"], first.json()["rejected"]) == (0, 0)
+    assert second.json()["accepted"] == 0
+    assert second.json()["duplicates"] == 6
+    assert [r["status"] for r in second.json()["results"]] == ["duplicate"] * 6
+    for model in (Account, Order, Contact, Interaction, Payment, Manager):
+        assert await _count(session, model) == 1, model.__name__
+    assert await _count(session, IngestEvent) == 6
+
+
+async def test_reordered_versions_keep_the_newest(
+    client: httpx.AsyncClient, admin_headers: dict[str, str], session: AsyncSession
+) -> None:
+    newer = factories.order("A-1", external_id="SO-1", version=2, status="cancelled")
+    older = factories.order("A-1", external_id="SO-1", version=1, status="placed")
+    assert (await client.post("/v1/orders", json=newer, headers=admin_headers)).json()[
+        "status"
+    ] == "accepted"
+    late = await client.post("/v1/orders", json=older, headers=admin_headers)
+    assert late.json()["status"] == "stale"
+    stored = await session.scalar(select(Order).where(Order.external_id == "SO-1"))
+    assert stored is not None
+    assert (stored.status, stored.source_version) == ("cancelled", 2)
+    # the stale event is kept for audit, marked as such
+    audit = await session.scalar(
+        select(IngestEvent.status).where(IngestEvent.event_id == older["event_id"])
+    )
+    assert audit == "stale"
+
+
+async def test_equal_version_with_new_event_id_is_stale(
+    client: httpx.AsyncClient, admin_headers: dict[str, str], session: AsyncSession
+) -> None:
+    await client.post(
+        "/v1/orders", json=factories.order(external_id="SO-1", amount="1.00"), headers=admin_headers
+    )
+    again = await client.post(
+        "/v1/orders", json=factories.order(external_id="SO-1", amount="2.00"), headers=admin_headers
+    )
+    assert again.json()["status"] == "stale"
+    assert str(await session.scalar(select(Order.amount))) == "1.00"
+
+
+async def test_updated_at_orders_versions(
+    client: httpx.AsyncClient, admin_headers: dict[str, str], session: AsyncSession
+) -> None:
+    def put(name: str, updated_at: str) -> dict[str, Any]:
+        body = factories.account(name)
+        del body["version"]
+        return body | {"updated_at": updated_at}
+
+    url = "/v1/accounts/A-1"
+    r1 = await client.put(url, json=put("New name", "2026-11-02T10:00:00+01:00"),
+                          headers=admin_headers)
+    r2 = await client.put(url, json=put("Old name", "2026-11-02T08:59:59Z"), headers=admin_headers)
+    assert (r1.json()["status"], r2.json()["status"]) == ("accepted", "stale")
+    assert await session.scalar(select(Account.name)) == "New name"
+
+
+async def test_newest_of_several_versions_in_one_batch_wins(
+    client: httpx.AsyncClient, admin_headers: dict[str, str], session: AsyncSession
+) -> None:
+    events = [
+        factories.batch_item("order", factories.order(external_id="SO-1", version=v, amount=f"{v}.00"))
+        for v in (2, 5, 3)
+    ]
+    response = await client.post("/v1/events", json={"events": events}, headers=admin_headers)
+    assert [r["status"] for r in response.json()["results"]] == ["stale", "accepted", "stale"]
+    assert response.json()["accepted"] == 3 and response.json()["stale"] == 2
+    assert str(await session.scalar(select(Order.amount))) == "5.00"
+
+
+async def test_stub_account_is_filled_in_by_its_account_event(
+    client: httpx.AsyncClient, admin_headers: dict[str, str], session: AsyncSession
+) -> None:
+    await client.post("/v1/orders", json=factories.order("A-9"), headers=admin_headers)
+    stub = (await client.get("/v1/accounts/A-9", headers=admin_headers)).json()
+    assert stub["stub"] is True and stub["name"] is None
+    assert stub["counts"]["orders"] == 1
+
+    body = factories.account(
+        "Acme", parent_external_id="G-1", manager_external_id="M-1", strategic_fit=4
+    )
+    assert (await client.put("/v1/accounts/A-9", json=body, headers=admin_headers)).status_code == 202
+    filled = (await client.get("/v1/accounts/A-9", headers=admin_headers)).json()
+    assert filled["stub"] is False
+    assert (filled["name"], filled["parent_external_id"], filled["manager_external_id"]) == (
+        "Acme", "G-1", "M-1"
+    )
+    assert filled["counts"]["orders"] == 1
+    assert filled["score"]["tier"] is None  # not scored yet
+    # the group and the manager named by the account exist as stubs
+    group = (await client.get("/v1/accounts/G-1", headers=admin_headers)).json()
+    assert group["stub"] is True
+    assert await session.scalar(select(Manager.external_id)) == "M-1"
+    # the group is marked for a rescore too: its roll-up changed
+    dirty = set(await session.scalars(select(Account.external_id).where(Account.dirty)))
+    assert dirty == {"A-9", "G-1"}
+
+
+async def test_batch_rejects_bad_items_and_stores_the_rest(
+    client: httpx.AsyncClient, admin_headers: dict[str, str], session: AsyncSession
+) -> None:
+    good = factories.batch_item("order", factories.order("A-1", external_id="SO-good"))
+    bad_amount = factories.batch_item(
+        "order", factories.order("A-2", external_id="SO-bad", amount="-5.00")
+    )
+    bad_type = {"type": "invoice", "event_id": "x-1"}
+    tier_set = factories.batch_item("account", factories.account(), external_id="A-3", tier="key")
+    not_object = 42
+    response = await client.post(
+        "/v1/events",
+        json={"events": [good, bad_amount, bad_type, tier_set, not_object]},
+        headers=admin_headers,
+    )
+    assert response.status_code == 202
+    payload = response.json()
+    assert (payload["accepted"], payload["rejected"]) == (1, 4)
+    results = payload["results"]
+    assert [r["index"] for r in results] == [0, 1, 2, 3, 4]
+    assert results[1]["status"] == "rejected"
+    assert results[1]["event_id"] == bad_amount["event_id"]
+    assert any(e["field"] == "events.1.order.amount" for e in results[1]["errors"])
+    assert results[2]["errors"][0]["type"] == "union_tag_invalid"
+    assert any(e["field"].endswith(".tier") for e in results[3]["errors"])
+    assert results[4]["event_id"] is None
+    # nothing of a rejected event was written: not its row, its stub account, or its raw event
+    assert set(await session.scalars(select(Order.external_id))) == {"SO-good"}
+    assert set(await session.scalars(select(Account.external_id))) == {"A-1"}
+    assert set(await session.scalars(select(IngestEvent.event_id))) == {good["event_id"]}
+
+
+async def test_repeated_event_id_within_one_batch(
+    client: httpx.AsyncClient, admin_headers: dict[str, str], session: AsyncSession
+) -> None:
+    item = factories.batch_item("order", factories.order(external_id="SO-1"))
+    response = await client.post(
+        "/v1/events", json={"events": [item, item]}, headers=admin_headers
+    )
+    assert [r["status"] for r in response.json()["results"]] == ["accepted", "duplicate"]
+    assert await _count(session, Order) == 1
+
+
+async def test_interaction_names_unknown_contact_creates_stub(
+    client: httpx.AsyncClient, admin_headers: dict[str, str], session: AsyncSession
+) -> None:
+    body = factories.interaction("A-1", contact_external_id="C-77")
+    assert (await client.post("/v1/interactions", json=body, headers=admin_headers)).json()[
+        "status"
+    ] == "accepted"
+    stub = await session.scalar(select(Contact).where(Contact.external_id == "C-77"))
+    assert stub is not None and stub.name is None
+    listed = (await client.get("/v1/accounts/A-1/interactions", headers=admin_headers)).json()
+    assert listed["items"][0]["contact_external_id"] == "C-77"
+    assert listed["items"][0]["satisfaction"] == 4
+
+
+async def test_domain_rules_of_events(
+    client: httpx.AsyncClient, admin_headers: dict[str, str]
+) -> None:
+    cases = [
+        ("/v1/interactions", factories.interaction(kind="communication", satisfaction=2)),
+        ("/v1/orders", factories.order() | {"currency": "euro"}),
+        ("/v1/orders", factories.order() | {"version": 1, "updated_at": "2026-01-01T00:00:00Z"}),
+        ("/v1/orders", {k: v for k, v in factories.order().items() if k != "version"}),
+        ("/v1/orders", factories.order(ordered_at="2026-10-01T10:00:00")),  # no offset
+        ("/v1/orders", factories.order() | {"event_id": "x" * 129}),
+        ("/v1/orders", factories.order() | {"external_id": "bad\u0000id"}),
+        ("/v1/payments", factories.payment() | {"amount": "12.345"}),
+    ]
+    for path, body in cases:
+        response = await client.post(path, json=body, headers=admin_headers)
+        assert response.status_code == 422, (path, body, response.text)
+        assert response.headers["content-type"] == "application/problem+json"
+        assert response.json()["errors"], response.text
+
+    lost_without_status = factories.account(churn_reason="price")
+    r = await client.put("/v1/accounts/A-1", json=lost_without_status, headers=admin_headers)
+    assert r.status_code == 422
+    own_parent = factories.account(parent_external_id="A-1")
+    r = await client.put("/v1/accounts/A-1", json=own_parent, headers=admin_headers)
+    assert r.status_code == 422
+    assert "own parent" in r.json()["detail"]
+
+
+async def test_lost_account_with_churn_reason(
+    client: httpx.AsyncClient, admin_headers: dict[str, str]
+) -> None:
+    body = factories.account(status="lost", churn_reason="moved to a competitor on price")
+    assert (await client.put("/v1/accounts/A-1", json=body, headers=admin_headers)).status_code == 202
+    got = (await client.get("/v1/accounts/A-1", headers=admin_headers)).json()
+    assert (got["status"], got["churn_reason"]) == ("lost", "moved to a competitor on price")
