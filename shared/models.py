@@ -10,7 +10,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, ClassVar
 
 from sqlalchemy import (
     ARRAY,
@@ -49,7 +49,7 @@ Money = Numeric(14, 2)
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
-    type_annotation_map = {
+    type_annotation_map: ClassVar[dict[Any, Any]] = {
         datetime: DateTime(timezone=True),
         dict[str, Any]: JSONB,
         list[Any]: JSONB,
@@ -144,7 +144,9 @@ class Contact(Base):
 
     id: Mapped[int] = _pk()
     external_id: Mapped[str] = mapped_column(String(EXTERNAL_ID_LENGTH), unique=True)
-    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"), index=True)
+    account_id: Mapped[int] = mapped_column(
+        ForeignKey("accounts.id", ondelete="CASCADE"), index=True
+    )
     name: Mapped[str | None] = mapped_column(String(200))
     role: Mapped[str | None] = mapped_column(String(32))
     email: Mapped[str | None] = mapped_column(String(320))
@@ -239,9 +241,7 @@ class IngestEvent(Base):
     type: Mapped[str] = mapped_column(String(16))
     # The account the event is about, by the producer's id: found for export and erasure even
     # when the account row was never created or was deleted.
-    account_external_id: Mapped[str | None] = mapped_column(
-        String(EXTERNAL_ID_LENGTH), index=True
-    )
+    account_external_id: Mapped[str | None] = mapped_column(String(EXTERNAL_ID_LENGTH), index=True)
     status: Mapped[str] = mapped_column(String(16))
     payload: Mapped[dict[str, Any]]
     api_key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id", ondelete="SET NULL"))

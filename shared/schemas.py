@@ -9,16 +9,20 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Annotated, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
+    AfterValidator,
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
+    StrictInt,
     StringConstraints,
     model_validator,
 )
+from pydantic.json_schema import SkipJsonSchema
 
 from shared.enums import (
     AccountStatus,
@@ -40,7 +44,9 @@ def _text(max_length: int, min_length: int = 0) -> object:
 ExternalId = Annotated[
     str,
     StringConstraints(min_length=1, max_length=EXTERNAL_ID_LENGTH, pattern=r"^[^\x00-\x1f\x7f]+$"),
-    Field(description="The producer's identifier, 1-128 printable characters.", examples=["A-1001"]),
+    Field(
+        description="The producer's identifier, 1-128 printable characters.", examples=["A-1001"]
+    ),
 ]
 EventId = Annotated[
     str,
@@ -68,8 +74,32 @@ Email = Annotated[
     str,
     StringConstraints(max_length=320, pattern=r"^[^@\s\x00-\x1f]+@[^@\s\x00-\x1f]+$"),
 ]
+
+
+def _rfc3339_text(value: Any) -> Any:
+    # Lax pydantic would read a bare number as a Unix time; the schema promises a string.
+    if not isinstance(value, str | datetime):
+        raise ValueError("a date-time string with a UTC offset is required")
+    return value
+
+
+def _plausible_year(value: datetime) -> datetime:
+    # Postgres and the scoring windows need a real calendar time: year 1 minus an offset is not.
+    try:
+        year = value.astimezone(UTC).year
+    except OverflowError:
+        year = 0
+    if not MIN_YEAR <= year <= MAX_YEAR:
+        raise ValueError(f"the year must be between {MIN_YEAR} and {MAX_YEAR}")
+    return value
+
+
+MIN_YEAR, MAX_YEAR = 1900, 2200
+
 Timestamp = Annotated[
     AwareDatetime,
+    BeforeValidator(_rfc3339_text),
+    AfterValidator(_plausible_year),
     Field(description="RFC 3339 date-time with a UTC offset.", examples=["2026-11-23T09:30:00Z"]),
 ]
 
@@ -91,15 +121,28 @@ class Versioned(StrictModel):
     already applied is stored for audit but changes nothing (``stale``).
     """
 
+    model_config = ConfigDict(
+        json_schema_extra={"oneOf": [{"required": ["version"]}, {"required": ["updated_at"]}]}
+    )
+
     event_id: EventId
     version: Annotated[
-        int | None,
+        StrictInt | SkipJsonSchema[None],
         Field(ge=0, le=MAX_VERSION, description="Producer version of the entity.", examples=[7]),
     ] = None
     updated_at: Annotated[
-        AwareDatetime | None,
+        Timestamp | SkipJsonSchema[None],
         Field(description="Time of the change at the source, instead of version."),
     ] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_null_version(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name in ("version", "updated_at"):
+                if name in data and data[name] is None:
+                    raise ValueError(f"{name} must not be null; leave it out instead")
+        return data
 
     @model_validator(mode="after")
     def _one_version(self) -> Self:
@@ -130,8 +173,8 @@ class AccountData(Versioned):
         default=None, description="The key-account manager looking after it."
     )
     credit_limit: Amount | None = None
-    payment_terms_days: int | None = Field(default=None, ge=0, le=365)
-    strategic_fit: int | None = Field(
+    payment_terms_days: StrictInt | None = Field(default=None, ge=0, le=365)
+    strategic_fit: StrictInt | None = Field(
         default=None, ge=1, le=5, description="Manager judgement of strategic fit, 1 (low) to 5."
     )
     status: AccountStatus = AccountStatus.active
@@ -151,7 +194,9 @@ class ManagerData(Versioned):
 
     name: Name
     email: Email | None = None
-    capacity: int = Field(default=9, ge=0, le=1000, description="Key accounts they can handle.")
+    capacity: StrictInt = Field(
+        default=9, ge=0, le=1000, description="Key accounts they can handle."
+    )
 
 
 class OrderLine(StrictModel):
@@ -186,7 +231,7 @@ class ContactData(Versioned):
     )
     address: LongText | None = None
     gender: ShortText | None = None
-    birth_year: int | None = Field(default=None, ge=1900, le=2100)
+    birth_year: StrictInt | None = Field(default=None, ge=1900, le=2100)
 
 
 class InteractionData(Versioned):
@@ -200,7 +245,7 @@ class InteractionData(Versioned):
     direction: Direction
     kind: InteractionKind
     occurred_at: Timestamp
-    satisfaction: int | None = Field(default=None, ge=1, le=5)
+    satisfaction: StrictInt | None = Field(default=None, ge=1, le=5)
     summary: LongText | None = None
 
     @model_validator(mode="after")

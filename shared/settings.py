@@ -58,8 +58,10 @@ class Settings(BaseSettings):
         if self.env is Environment.production:
             missing = [
                 name
-                for name, value in (("KAM_DATABASE_URL", self.database_url),
-                                    ("KAM_REDIS_URL", self.redis_url))
+                for name, value in (
+                    ("KAM_DATABASE_URL", self.database_url),
+                    ("KAM_REDIS_URL", self.redis_url),
+                )
                 if not value
             ]
             if missing:

@@ -47,10 +47,16 @@ def account(
     version: int = 1,
     **extra: Any,
 ) -> dict[str, Any]:
-    return {"event_id": event_id or _next_id("ev-account"), "version": version, "name": name} | extra
+    return {
+        "event_id": event_id or _next_id("ev-account"),
+        "version": version,
+        "name": name,
+    } | extra
 
 
-def contact(account: str = "A-1", *, external_id: str | None = None, **extra: Any) -> dict[str, Any]:
+def contact(
+    account: str = "A-1", *, external_id: str | None = None, **extra: Any
+) -> dict[str, Any]:
     return {
         "event_id": _next_id("ev-contact"),
         "version": 1,

@@ -30,7 +30,8 @@ async def test_order_is_durable_before_202_and_marks_account_dirty(
     assert stored.lines == [{"category": "tools", "quantity": "2", "amount": "1000.00"}]
     account = await session.scalar(select(Account).where(Account.external_id == "A-1"))
     assert account is not None
-    assert account.dirty and account.dirty_seq == 1
+    assert account.dirty
+    assert account.dirty_seq == 1
     assert account.source_version is None  # a stub until its account event arrives
 
 
@@ -63,8 +64,9 @@ async def test_same_batch_twice(
         factories.batch_item("contact", factories.contact("A-1")),
         factories.batch_item("interaction", factories.interaction("A-1")),
         factories.batch_item("payment", factories.payment("A-1")),
-        factories.batch_item("manager", {"event_id": "m1", "version": 1, "name": "Kim"},
-                             external_id="M-1"),
+        factories.batch_item(
+            "manager", {"event_id": "m1", "version": 1, "name": "Kim"}, external_id="M-1"
+        ),
     ]
     first = await client.post("/v1/events", json={"events": events}, headers=admin_headers)
     second = await client.post("/v1/events", json={"events": events}, headers=admin_headers)
@@ -121,8 +123,9 @@ async def test_updated_at_orders_versions(
         return body | {"updated_at": updated_at}
 
     url = "/v1/accounts/A-1"
-    r1 = await client.put(url, json=put("New name", "2026-11-02T10:00:00+01:00"),
-                          headers=admin_headers)
+    r1 = await client.put(
+        url, json=put("New name", "2026-11-02T10:00:00+01:00"), headers=admin_headers
+    )
     r2 = await client.put(url, json=put("Old name", "2026-11-02T08:59:59Z"), headers=admin_headers)
     assert (r1.json()["status"], r2.json()["status"]) == ("accepted", "stale")
     assert await session.scalar(select(Account.name)) == "New name"
@@ -132,12 +135,15 @@ async def test_newest_of_several_versions_in_one_batch_wins(
     client: httpx.AsyncClient, admin_headers: dict[str, str], session: AsyncSession
 ) -> None:
     events = [
-        factories.batch_item("order", factories.order(external_id="SO-1", version=v, amount=f"{v}.00"))
+        factories.batch_item(
+            "order", factories.order(external_id="SO-1", version=v, amount=f"{v}.00")
+        )
         for v in (2, 5, 3)
     ]
     response = await client.post("/v1/events", json={"events": events}, headers=admin_headers)
     assert [r["status"] for r in response.json()["results"]] == ["stale", "accepted", "stale"]
-    assert response.json()["accepted"] == 3 and response.json()["stale"] == 2
+    assert response.json()["accepted"] == 3
+    assert response.json()["stale"] == 2
     assert str(await session.scalar(select(Order.amount))) == "5.00"
 
 
@@ -146,17 +152,22 @@ async def test_stub_account_is_filled_in_by_its_account_event(
 ) -> None:
     await client.post("/v1/orders", json=factories.order("A-9"), headers=admin_headers)
     stub = (await client.get("/v1/accounts/A-9", headers=admin_headers)).json()
-    assert stub["stub"] is True and stub["name"] is None
+    assert stub["stub"] is True
+    assert stub["name"] is None
     assert stub["counts"]["orders"] == 1
 
     body = factories.account(
         "Acme", parent_external_id="G-1", manager_external_id="M-1", strategic_fit=4
     )
-    assert (await client.put("/v1/accounts/A-9", json=body, headers=admin_headers)).status_code == 202
+    assert (
+        await client.put("/v1/accounts/A-9", json=body, headers=admin_headers)
+    ).status_code == 202
     filled = (await client.get("/v1/accounts/A-9", headers=admin_headers)).json()
     assert filled["stub"] is False
     assert (filled["name"], filled["parent_external_id"], filled["manager_external_id"]) == (
-        "Acme", "G-1", "M-1"
+        "Acme",
+        "G-1",
+        "M-1",
     )
     assert filled["counts"]["orders"] == 1
     assert filled["score"]["tier"] is None  # not scored yet
@@ -205,9 +216,7 @@ async def test_repeated_event_id_within_one_batch(
     client: httpx.AsyncClient, admin_headers: dict[str, str], session: AsyncSession
 ) -> None:
     item = factories.batch_item("order", factories.order(external_id="SO-1"))
-    response = await client.post(
-        "/v1/events", json={"events": [item, item]}, headers=admin_headers
-    )
+    response = await client.post("/v1/events", json={"events": [item, item]}, headers=admin_headers)
     assert [r["status"] for r in response.json()["results"]] == ["accepted", "duplicate"]
     assert await _count(session, Order) == 1
 
@@ -220,7 +229,8 @@ async def test_interaction_names_unknown_contact_creates_stub(
         "status"
     ] == "accepted"
     stub = await session.scalar(select(Contact).where(Contact.external_id == "C-77"))
-    assert stub is not None and stub.name is None
+    assert stub is not None
+    assert stub.name is None
     listed = (await client.get("/v1/accounts/A-1/interactions", headers=admin_headers)).json()
     assert listed["items"][0]["contact_external_id"] == "C-77"
     assert listed["items"][0]["satisfaction"] == 4
@@ -258,6 +268,8 @@ async def test_lost_account_with_churn_reason(
     client: httpx.AsyncClient, admin_headers: dict[str, str]
 ) -> None:
     body = factories.account(status="lost", churn_reason="moved to a competitor on price")
-    assert (await client.put("/v1/accounts/A-1", json=body, headers=admin_headers)).status_code == 202
+    assert (
+        await client.put("/v1/accounts/A-1", json=body, headers=admin_headers)
+    ).status_code == 202
     got = (await client.get("/v1/accounts/A-1", headers=admin_headers)).json()
     assert (got["status"], got["churn_reason"]) == ("lost", "moved to a competitor on price")

@@ -6,20 +6,23 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.openapi.utils import get_openapi
+from pydantic import TypeAdapter
 
 from services.api.accounts.router import router as accounts_router
-from services.api.errors import Problem, install_error_handlers
+from services.api.errors import install_error_handlers
 from services.api.health import router as health_router
 from services.api.ingest.router import router as ingest_router
-from services.api.ingest.schemas import BatchRequest
+from services.api.ingest.schemas import batch_request_schema
 from services.api.keys.router import router as keys_router
 from services.api.keys.service import KeyVerifier
 from services.api.limits import BodySizeLimit
+from services.api.query import reject_unknown_query_params
 from services.logging import configure_logging
 from services.scorer.enqueue import create_redis
 from shared.db import create_engine, create_sessionmaker
+from shared.schemas import Event
 from shared.settings import Settings, get_settings
 
 DESCRIPTION = """
@@ -60,6 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description=DESCRIPTION,
         lifespan=lifespan,
+        dependencies=[Depends(reject_unknown_query_params)],
     )
     app.state.settings = settings
     app.state.key_verifier = KeyVerifier()
@@ -80,9 +84,9 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         title=app.title, version=app.version, description=app.description, routes=app.routes
     )
     components = schema.setdefault("components", {}).setdefault("schemas", {})
-    for model in (BatchRequest, Problem):
-        generated = model.model_json_schema(ref_template="#/components/schemas/{model}")
-        components.update(generated.pop("$defs", {}))
-        components[model.__name__] = generated
+    event = TypeAdapter(Event).json_schema(ref_template="#/components/schemas/{model}")
+    components.update(event.pop("$defs", {}))
+    components["BatchEvent"] = {**event, "title": "BatchEvent"}
+    components["BatchRequest"] = batch_request_schema(app.state.settings.max_batch_events)
     app.openapi_schema = schema
     return schema

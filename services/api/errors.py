@@ -14,11 +14,13 @@ import structlog
 from fastapi import FastAPI, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 from redis.exceptions import RedisError
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Route
 
 log = structlog.get_logger(__name__)
 
@@ -197,11 +199,16 @@ def install_error_handlers(app: FastAPI, *, retry_after_s: int) -> None:
 
     async def on_http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
+        headers = dict(exc.headers) if exc.headers else {}
+        if exc.status_code == status.HTTP_405_METHOD_NOT_ALLOWED:
+            # Starlette names only the methods of the first route on the path; a resource with
+            # GET and PUT on separate routes must list both.
+            headers["Allow"] = ", ".join(_allowed_methods(request))
         return problem_response(
             exc.status_code,
             _STATUS_TITLES.get(exc.status_code, "Error"),
             detail=str(exc.detail) if exc.detail else None,
-            headers=dict(exc.headers) if exc.headers else None,
+            headers=headers or None,
             instance=request.url.path,
         )
 
@@ -237,6 +244,15 @@ def install_error_handlers(app: FastAPI, *, retry_after_s: int) -> None:
     app.add_exception_handler(DBAPIError, _dbapi_handler(on_database_down, on_unexpected))
     app.add_exception_handler(RedisError, on_redis_down)
     app.add_exception_handler(Exception, on_unexpected)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches({**request.scope, "method": "\x00"})
+        if match is not Match.NONE and isinstance(route, APIRoute | Route):
+            methods |= route.methods or set()
+    return sorted(methods)
 
 
 def _dbapi_handler(on_down: Any, on_other: Any) -> Any:

@@ -6,6 +6,7 @@ Data lives under one folder, so a second start reuses it.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import time
 import warnings
@@ -16,6 +17,8 @@ from pathlib import Path
 from urllib.parse import quote
 
 import redis
+
+_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 
 @dataclass(frozen=True)
@@ -33,9 +36,10 @@ def embedded_services(data_dir: Path, *, database: str = "kam") -> Iterator[Embe
     """Start (or reuse) Postgres and Redis under ``data_dir``; stop them on exit."""
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    with _postgres(data_dir / "postgres", database) as database_url, _redis(
-        data_dir / "redis"
-    ) as redis_url:
+    with (
+        _postgres(data_dir / "postgres", database) as database_url,
+        _redis(data_dir / "redis") as redis_url,
+    ):
         yield EmbeddedUrls(database_url=database_url, redis_url=redis_url)
 
 
@@ -48,8 +52,10 @@ def _postgres(pgdata: Path, database: str) -> Iterator[str]:
         except ImportError as exc:  # pragma: no cover - depends on the install
             raise EmbeddedUnavailable("pip install 'kam[embedded]' for embedded Postgres") from exc
         server = pgserver.get_server(pgdata, cleanup_mode="stop")
+    if not _IDENTIFIER.match(database):
+        raise ValueError(f"not a plain database name: {database!r}")
     try:
-        exists = server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{database}';")
+        exists = server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{database}';")  # noqa: S608 - checked identifier
         if "1 row" not in exists:
             server.psql(f'CREATE DATABASE "{database}";')
         socket_dir = server.get_uri().split("host=", 1)[1]
@@ -70,13 +76,20 @@ def _redis(directory: Path) -> Iterator[str]:
     process = subprocess.Popen(  # noqa: S603 - a fixed binary with fixed arguments
         [
             redis_server,
-            "--port", "0",
-            "--unixsocket", str(socket),
-            "--unixsocketperm", "700",
-            "--dir", str(directory),
-            "--save", "60 1",
-            "--appendonly", "yes",
-            "--logfile", str(directory / "redis.log"),
+            "--port",
+            "0",
+            "--unixsocket",
+            str(socket),
+            "--unixsocketperm",
+            "700",
+            "--dir",
+            str(directory),
+            "--save",
+            "60 1",
+            "--appendonly",
+            "yes",
+            "--logfile",
+            str(directory / "redis.log"),
         ],
         stdout=subprocess.DEVNULL,
     )

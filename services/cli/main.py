@@ -1,10 +1,10 @@
 """``kam``: run, migrate and administer the service.
 
-    kam dev                      everything on one machine (what `make run` runs)
-    kam api | kam scorer         one process each, for production
-    kam migrate                  upgrade the database to the newest schema
-    kam keys create|list|revoke  API keys
-    kam demo --accounts N        send a synthetic portfolio through the HTTP API
+kam dev                      everything on one machine (what `make run` runs)
+kam api | kam scorer         one process each, for production
+kam migrate                  upgrade the database to the newest schema
+kam keys create|list|revoke  API keys
+kam demo --accounts N        send a synthetic portfolio through the HTTP API
 """
 
 from __future__ import annotations
@@ -49,8 +49,10 @@ def migrate(database_url: str, revision: str = "head", *, downgrade: bool = Fals
 def _require_urls(settings: Settings) -> None:
     missing = [
         name
-        for name, value in (("KAM_DATABASE_URL", settings.database_url),
-                            ("KAM_REDIS_URL", settings.redis_url))
+        for name, value in (
+            ("KAM_DATABASE_URL", settings.database_url),
+            ("KAM_REDIS_URL", settings.redis_url),
+        )
         if not value
     ]
     if missing:
@@ -66,7 +68,9 @@ async def _create_key(settings: Settings, name: str, scopes: str) -> str:
     try:
         async with create_sessionmaker(engine)() as session, session.begin():
             key, plaintext = await create_api_key(session, name=name, scopes=parsed)
-            print(f"created key {key.prefix} ({name}) with scopes {','.join(s.value for s in parsed)}")
+            print(
+                f"created key {key.prefix} ({name}) with scopes {','.join(s.value for s in parsed)}"
+            )
             print("store it now, it is not shown again:")
         return plaintext
     finally:
@@ -147,8 +151,10 @@ def run_dev(host: str, port: int) -> int:
     print(f"starting embedded Postgres and Redis under {data_dir.resolve()}", flush=True)
     with embedded_services(data_dir) as urls:
         return _supervise(
-            settings.database_url or urls.database_url, settings.redis_url or urls.redis_url,
-            host, port,
+            settings.database_url or urls.database_url,
+            settings.redis_url or urls.redis_url,
+            host,
+            port,
         )
 
 
@@ -162,15 +168,21 @@ def _supervise(database_url: str, redis_url: str, host: str, port: int) -> int:
         key = asyncio.run(_create_key(settings, "admin", "admin"))
         print(key, flush=True)
     else:
-        print("API keys exist already; create another with: kam keys create --name NAME "
-              "--scopes admin", flush=True)
+        print(
+            "API keys exist already; create another with: kam keys create --name NAME "
+            "--scopes admin",
+            flush=True,
+        )
     kam = [sys.executable, "-m", "services.cli.main"]
     children = [
         subprocess.Popen([*kam, "api", "--host", host, "--port", str(port)], env=env),  # noqa: S603
         subprocess.Popen([*kam, "scorer"], env=env),  # noqa: S603
     ]
-    print(f"KAM is running: http://{host}:{port} (docs at http://{host}:{port}/docs). "
-          "Ctrl-C stops it.", flush=True)
+    print(
+        f"KAM is running: http://{host}:{port} (docs at http://{host}:{port}/docs). "
+        "Ctrl-C stops it.",
+        flush=True,
+    )
     stopping = False
 
     def stop(signum: int, frame: object) -> None:
@@ -197,8 +209,9 @@ def _supervise(database_url: str, redis_url: str, host: str, port: int) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kam", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="kam", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     dev = sub.add_parser("dev", help="run everything locally (embedded services if no URLs)")
@@ -228,8 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="send a synthetic portfolio through the HTTP API")
     demo.add_argument("--accounts", type=int, default=200)
     demo.add_argument("--url", default=os.environ.get("KAM_URL", "http://127.0.0.1:8000"))
-    demo.add_argument("--api-key", default=os.environ.get("KAM_API_KEY"),
-                      help="a key with events:write (default: $KAM_API_KEY)")
+    demo.add_argument(
+        "--api-key",
+        default=os.environ.get("KAM_API_KEY"),
+        help="a key with events:write (default: $KAM_API_KEY)",
+    )
     demo.add_argument("--seed", type=int, default=7)
     demo.add_argument("--years", type=float, default=2.0)
     return parser
@@ -248,8 +264,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_scorer()
         case "migrate":
             _require_urls(settings)
-            migrate(settings.database_url, args.revision or ("base" if args.downgrade else "head"),
-                    downgrade=args.downgrade)
+            migrate(
+                settings.database_url,
+                args.revision or ("base" if args.downgrade else "head"),
+                downgrade=args.downgrade,
+            )
         case "keys":
             _require_urls(settings)
             if args.keys_command == "create":
@@ -263,8 +282,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             if not args.api_key:
                 raise SystemExit("--api-key (or KAM_API_KEY) is required")
-            return run_demo(url=args.url, api_key=args.api_key, accounts=args.accounts,
-                            seed=args.seed, years=args.years)
+            return run_demo(
+                url=args.url,
+                api_key=args.api_key,
+                accounts=args.accounts,
+                seed=args.seed,
+                years=args.years,
+            )
     return 0
 
 

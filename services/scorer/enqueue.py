@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
+from typing import cast
 
 import structlog
 from arq.connections import ArqRedis
@@ -37,14 +38,12 @@ def create_redis(settings: Settings) -> ArqRedis:
         retry_on_timeout=False,
         max_connections=64,
     )
-    redis: ArqRedis = ArqRedis.from_pool(pool)  # the client owns the pool: aclose() closes it
+    redis = cast(ArqRedis, ArqRedis.from_pool(pool))  # the client owns the pool: aclose() closes it
     redis.default_queue_name = settings.queue_name
     return redis
 
 
-async def enqueue_rescores(
-    redis: ArqRedis, account_ids: Iterable[int], *, defer_s: float
-) -> int:
+async def enqueue_rescores(redis: ArqRedis, account_ids: Iterable[int], *, defer_s: float) -> int:
     """Ask for a rescore of each account; returns how many pushes failed (0 when all went)."""
     ids = sorted(set(account_ids))
     if not ids:

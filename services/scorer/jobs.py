@@ -5,8 +5,8 @@ idempotent, keyed by the account id."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from datetime import timedelta
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from typing import Any
 
 import structlog
@@ -49,14 +49,19 @@ async def rescore_account(ctx: dict[str, Any], account_id: int) -> bool:
         if seen_seq is None:
             return False  # the account is gone; nothing to do
         # Scoring itself hooks in here (features -> score -> tier -> risk -> snapshot).
-        result = await session.execute(
-            update(Account)
-            .where(Account.id == account_id, Account.dirty_seq == seen_seq, Account.dirty)
-            .values(dirty=False, dirty_since=None)
-        )
-        cleared = bool(result.rowcount)  # type: ignore[attr-defined]
+        cleared = await clear_dirty_mark(session, account_id=account_id, seen_seq=seen_seq)
     log.info("account_rescored", account_id=account_id, cleared=cleared)
     return cleared
+
+
+async def clear_dirty_mark(session: AsyncSession, *, account_id: int, seen_seq: int) -> bool:
+    """Clear the mark only if no event arrived since ``seen_seq`` was read."""
+    result = await session.execute(
+        update(Account)
+        .where(Account.id == account_id, Account.dirty_seq == seen_seq, Account.dirty)
+        .values(dirty=False, dirty_since=None)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
 async def sweep_dirty_accounts(ctx: dict[str, Any]) -> int:

@@ -44,12 +44,14 @@ def functions(settings: Settings) -> list[Function]:
 
 def create_worker(settings: Settings, *, burst: bool = False) -> Worker:
     """A worker bound to the configured Redis and Postgres; ``burst`` drains the queue and stops."""
-    sweep_seconds = set(range(0, 60, settings.sweep_interval_s)) if settings.sweep_interval_s < 60 else {0}
+    sweep_seconds = (
+        set(range(0, 60, settings.sweep_interval_s)) if settings.sweep_interval_s < 60 else {0}
+    )
     return Worker(
-        functions=functions(settings),  # type: ignore[arg-type]
+        functions=functions(settings),
         cron_jobs=[
             cron(
-                jobs.sweep_dirty_accounts,  # type: ignore[arg-type]
+                jobs.sweep_dirty_accounts,
                 second=sweep_seconds,
                 run_at_startup=True,
                 unique=True,

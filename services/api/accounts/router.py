@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVarTuple
 
 from fastapi import APIRouter, Depends, Path, Query
 from sqlalchemy import Select, func, select, tuple_
@@ -30,6 +30,7 @@ from shared.enums import AccountStatus, RiskBand, Scope, Tier
 from shared.models import Account, Contact, Interaction, Manager, Order, Payment
 from shared.schemas import ExternalId
 
+Row = TypeVarTuple("Row")
 router = APIRouter(prefix="/v1/accounts", tags=["accounts"])
 
 Reader = Annotated[Principal, Depends(require(Scope.accounts_read))]
@@ -39,7 +40,7 @@ _ERRORS = problems(401, 403, 404, 422, 503)
 _parent = aliased(Account)
 
 
-def _summary_query() -> Select[Any]:
+def _summary_query() -> Select[Account, str, str]:
     return (
         select(Account, Manager.external_id, _parent.external_id)
         .outerjoin(Manager, Manager.id == Account.manager_id)
@@ -138,7 +139,9 @@ async def get_account(external_id: AccountId, session: SessionDep, _: Reader) ->
         return select(func.count()).where(model.account_id == account.id).scalar_subquery()
 
     counts = (
-        await session.execute(select(count(Order), count(Contact), count(Interaction), count(Payment)))
+        await session.execute(
+            select(count(Order), count(Contact), count(Interaction), count(Payment))
+        )
     ).one()
     return AccountOut.model_validate(
         {
@@ -168,7 +171,9 @@ async def get_account(external_id: AccountId, session: SessionDep, _: Reader) ->
     )
 
 
-def _newest_first(query: Select[Any], at: Any, id_: Any, cursor: str | None) -> Select[Any]:
+def _newest_first(
+    query: Select[*Row], at: Any, id_: Any, cursor: str | None
+) -> Select[*Row]:
     if cursor is not None:
         after_at, after_id = decode_cursor(cursor, datetime, int)
         query = query.where(tuple_(at, id_) < tuple_(after_at, after_id))
@@ -202,7 +207,9 @@ async def list_orders(
             )
             for o in page
         ],
-        next_cursor=encode_cursor(page[-1].ordered_at, page[-1].id) if len(orders) > limit else None,
+        next_cursor=encode_cursor(page[-1].ordered_at, page[-1].id)
+        if len(orders) > limit
+        else None,
     )
 
 
@@ -290,4 +297,3 @@ async def list_contacts(
         next_cursor=encode_cursor(page[-1].id) if len(contacts) > limit else None,
         pii_included=with_pii,
     )
-

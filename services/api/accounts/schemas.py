@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from decimal import Decimal
+
 from pydantic import BaseModel, Field
 
 from shared.enums import (

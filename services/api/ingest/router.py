@@ -11,13 +11,11 @@ from pydantic import TypeAdapter, ValidationError
 from services.api.deps import SessionDep, require
 from services.api.errors import (
     FieldError,
-    PayloadTooLarge,
     Unprocessable,
     field_errors,
     problems,
 )
 from services.api.ingest.schemas import (
-    BatchRequest,
     BatchResult,
     EventAck,
     ItemResult,
@@ -44,7 +42,7 @@ router = APIRouter(prefix="/v1", tags=["ingestion"])
 
 Writer = Annotated[Principal, Depends(require(Scope.events_write))]
 PathId = Annotated[ExternalId, Path(description="The producer's id of the entity.")]
-_ERRORS = problems(401, 403, 413, 422, 503)
+_ERRORS = problems(400, 401, 403, 413, 422, 503)
 _event_adapter: TypeAdapter[Any] = TypeAdapter(Event)
 
 
@@ -53,12 +51,17 @@ async def _ingest_one(session: SessionDep, principal: Principal, event: AnyEvent
     return EventAck(event_id=event.event_id, status=outcome)
 
 
-def _with_path_id(model: type[AccountEvent] | type[ManagerEvent], kind: str, body: Any, external_id: str) -> Any:
+def _with_path_id(
+    model: type[AccountEvent] | type[ManagerEvent], kind: str, body: Any, external_id: str
+) -> Any:
     try:
-        return model.model_validate({**dict(body), "type": kind, "external_id": external_id})
+        fields = body.model_dump(exclude_unset=True)
+        return model.model_validate({**fields, "type": kind, "external_id": external_id})
     except ValidationError as exc:
         errors = field_errors([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()])
-        raise Unprocessable("; ".join(f"{e.field}: {e.message}" for e in errors), errors=errors) from None
+        raise Unprocessable(
+            "; ".join(f"{e.field}: {e.message}" for e in errors), errors=errors
+        ) from None
 
 
 @router.put(
@@ -164,9 +167,7 @@ async def post_payment(body: PaymentData, session: SessionDep, principal: Writer
         }
     },
 )
-async def post_events(
-    request: Request, session: SessionDep, principal: Writer
-) -> BatchResult:
+async def post_events(request: Request, session: SessionDep, principal: Writer) -> BatchResult:
     """Accepts up to 1,000 events or 1 MiB in one call, each with a `type` (`account`,
     `manager`, `order`, `contact`, `interaction`, `payment`) and the fields of its typed
     endpoint (with `external_id` in the body for accounts and managers).
@@ -226,15 +227,20 @@ def _parse_envelope(raw: bytes, max_events: int) -> list[Any]:
     if not isinstance(body, dict) or not isinstance(body.get("events"), list):
         raise Unprocessable(
             "The body must be an object with an 'events' array.",
-            errors=[FieldError(field="body.events", message="an array is required", type="missing")],
+            errors=[
+                FieldError(field="body.events", message="an array is required", type="missing")
+            ],
         )
-    unknown = sorted(set(body) - set(BatchRequest.model_fields))
+    unknown = sorted(set(body) - {"events"})
     if unknown:
         raise Unprocessable(
             f"Unknown field(s): {', '.join(unknown)}.",
             errors=[
-                FieldError(field=f"body.{name}", message="Extra inputs are not permitted",
-                           type="extra_forbidden")
+                FieldError(
+                    field=f"body.{name}",
+                    message="Extra inputs are not permitted",
+                    type="extra_forbidden",
+                )
                 for name in unknown
             ],
         )
@@ -242,9 +248,19 @@ def _parse_envelope(raw: bytes, max_events: int) -> list[Any]:
     if not items:
         raise Unprocessable(
             "The batch is empty.",
-            errors=[FieldError(field="body.events", message="at least one event is required",
-                               type="too_short")],
+            errors=[
+                FieldError(
+                    field="body.events", message="at least one event is required", type="too_short"
+                )
+            ],
         )
     if len(items) > max_events:
-        raise PayloadTooLarge(f"The batch holds {len(items)} events; the limit is {max_events}.")
+        raise Unprocessable(
+            f"The batch holds {len(items)} events; the limit is {max_events}.",
+            errors=[
+                FieldError(
+                    field="body.events", message=f"at most {max_events} events", type="too_long"
+                )
+            ],
+        )
     return items

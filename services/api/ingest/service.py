@@ -58,6 +58,7 @@ def event_type(event: AnyEvent) -> EventType:
             return name
     raise TypeError(f"not an event: {type(event).__name__}")
 
+
 # asyncpg allows 32,767 bind parameters a statement; rows are written in chunks below that.
 _MAX_PARAMS = 30_000
 
@@ -216,9 +217,7 @@ async def _ensure(session: AsyncSession, table: Any, refs: set[str]) -> dict[str
     return {external_id: id_ for external_id, id_ in result}
 
 
-async def _ensure_contacts(
-    session: AsyncSession, refs: dict[str, int]
-) -> dict[str, int]:
+async def _ensure_contacts(session: AsyncSession, refs: dict[str, int]) -> dict[str, int]:
     """Ids of contacts that interactions name, creating stubs (at the interaction's account)."""
     if not refs:
         return {}
@@ -260,21 +259,21 @@ async def _apply(
         contact_ids = await _ensure_contacts(session, contact_refs)
 
     model, key_column, rows = _rows(winners, account_ids, manager_ids, contact_ids)
-    table: Table = model.__table__  # type: ignore[assignment]
+    table: Table = model.__table__
     applied_keys: set[str] = set()
     for chunk in _chunks(rows):
-        stmt = insert(table).values(chunk)
-        excluded = stmt.excluded
+        values = insert(table).values(chunk)
+        excluded = values.excluded
         guard: ColumnElement[bool] = table.c.source_version < excluded.source_version
         if model in (Account, Manager, Contact):  # stubs carry no version yet
             guard = or_(table.c.source_version.is_(None), guard)
         columns = [c for c in chunk[0] if c != key_column]
-        stmt = stmt.on_conflict_do_update(
+        upsert = values.on_conflict_do_update(
             index_elements=[key_column],
             set_={**{c: excluded[c] for c in columns}, "updated_at": func.now()},
             where=guard,
         ).returning(table.c[key_column])
-        applied_keys.update((await session.execute(stmt)).scalars())
+        applied_keys.update((await session.execute(upsert)).scalars())
     return {f.index for f in winners if entity_key(f.event) in applied_keys}
 
 
@@ -286,94 +285,124 @@ def _rows(
 ) -> tuple[type[Any], str, list[dict[str, Any]]]:
     first = winners[0].event
     if isinstance(first, AccountEvent):
-        return Account, "external_id", [
-            {
-                "external_id": e.external_id,
-                "name": e.name,
-                "industry": e.industry,
-                "region": e.region,
-                "segment": e.segment,
-                "parent_id": account_ids[e.parent_external_id] if e.parent_external_id else None,
-                "manager_id": manager_ids[e.manager_external_id] if e.manager_external_id else None,
-                "credit_limit": e.credit_limit,
-                "payment_terms_days": e.payment_terms_days,
-                "strategic_fit": e.strategic_fit,
-                "status": e.status.value,
-                "churn_reason": e.churn_reason,
-                "source_version": e.source_version,
-            }
-            for e in _events(winners, AccountEvent)
-        ]
+        return (
+            Account,
+            "external_id",
+            [
+                {
+                    "external_id": e.external_id,
+                    "name": e.name,
+                    "industry": e.industry,
+                    "region": e.region,
+                    "segment": e.segment,
+                    "parent_id": account_ids[e.parent_external_id]
+                    if e.parent_external_id
+                    else None,
+                    "manager_id": manager_ids[e.manager_external_id]
+                    if e.manager_external_id
+                    else None,
+                    "credit_limit": e.credit_limit,
+                    "payment_terms_days": e.payment_terms_days,
+                    "strategic_fit": e.strategic_fit,
+                    "status": e.status.value,
+                    "churn_reason": e.churn_reason,
+                    "source_version": e.source_version,
+                }
+                for e in _events(winners, AccountEvent)
+            ],
+        )
     if isinstance(first, ManagerEvent):
-        return Manager, "external_id", [
-            {
-                "external_id": e.external_id,
-                "name": e.name,
-                "email": e.email,
-                "capacity": e.capacity,
-                "source_version": e.source_version,
-            }
-            for e in _events(winners, ManagerEvent)
-        ]
+        return (
+            Manager,
+            "external_id",
+            [
+                {
+                    "external_id": e.external_id,
+                    "name": e.name,
+                    "email": e.email,
+                    "capacity": e.capacity,
+                    "source_version": e.source_version,
+                }
+                for e in _events(winners, ManagerEvent)
+            ],
+        )
     if isinstance(first, OrderData):
-        return Order, "external_id", [
-            {
-                "external_id": e.external_id,
-                "account_id": account_ids[e.account_external_id],
-                "ordered_at": e.ordered_at,
-                "amount": e.amount,
-                "cost": e.cost,
-                "currency": e.currency,
-                "status": e.status.value,
-                "lines": [line.model_dump(mode="json") for line in e.lines],
-                "source_version": e.source_version,
-            }
-            for e in _events(winners, OrderData)
-        ]
+        return (
+            Order,
+            "external_id",
+            [
+                {
+                    "external_id": e.external_id,
+                    "account_id": account_ids[e.account_external_id],
+                    "ordered_at": e.ordered_at,
+                    "amount": e.amount,
+                    "cost": e.cost,
+                    "currency": e.currency,
+                    "status": e.status.value,
+                    "lines": [line.model_dump(mode="json") for line in e.lines],
+                    "source_version": e.source_version,
+                }
+                for e in _events(winners, OrderData)
+            ],
+        )
     if isinstance(first, ContactData):
-        return Contact, "external_id", [
-            {
-                "external_id": e.external_id,
-                "account_id": account_ids[e.account_external_id],
-                "name": e.name,
-                "role": e.role.value if e.role else None,
-                "email": e.email,
-                "phone": e.phone,
-                "address": e.address,
-                "gender": e.gender,
-                "birth_year": e.birth_year,
-                "source_version": e.source_version,
-            }
-            for e in _events(winners, ContactData)
-        ]
+        return (
+            Contact,
+            "external_id",
+            [
+                {
+                    "external_id": e.external_id,
+                    "account_id": account_ids[e.account_external_id],
+                    "name": e.name,
+                    "role": e.role.value if e.role else None,
+                    "email": e.email,
+                    "phone": e.phone,
+                    "address": e.address,
+                    "gender": e.gender,
+                    "birth_year": e.birth_year,
+                    "source_version": e.source_version,
+                }
+                for e in _events(winners, ContactData)
+            ],
+        )
     if isinstance(first, InteractionData):
-        return Interaction, "external_id", [
+        return (
+            Interaction,
+            "external_id",
+            [
+                {
+                    "external_id": e.external_id,
+                    "account_id": account_ids[e.account_external_id],
+                    "contact_id": contact_ids[e.contact_external_id]
+                    if e.contact_external_id
+                    else None,
+                    "channel": e.channel.value,
+                    "direction": e.direction.value,
+                    "kind": e.kind.value,
+                    "occurred_at": e.occurred_at,
+                    "satisfaction": e.satisfaction,
+                    "summary": e.summary,
+                    "source_version": e.source_version,
+                }
+                for e in _events(winners, InteractionData)
+            ],
+        )
+    return (
+        Payment,
+        "invoice_external_id",
+        [
             {
-                "external_id": e.external_id,
+                "invoice_external_id": e.invoice_external_id,
                 "account_id": account_ids[e.account_external_id],
-                "contact_id": contact_ids[e.contact_external_id] if e.contact_external_id else None,
-                "channel": e.channel.value,
-                "direction": e.direction.value,
-                "kind": e.kind.value,
-                "occurred_at": e.occurred_at,
-                "satisfaction": e.satisfaction,
-                "summary": e.summary,
+                "amount": e.amount,
+                "currency": e.currency,
+                "due_at": e.due_at,
+                "paid_at": e.paid_at,
                 "source_version": e.source_version,
             }
-            for e in _events(winners, InteractionData)
-        ]
-    return Payment, "invoice_external_id", [
-        {
-            "invoice_external_id": e.invoice_external_id,
-            "account_id": account_ids[e.account_external_id],
-            "amount": e.amount,
-            "currency": e.currency,
-            "due_at": e.due_at,
-            "paid_at": e.paid_at,
-            "source_version": e.source_version,
-        }
-        for e in _events(winners, PaymentData)
-    ]
+            for e in _events(winners, PaymentData)
+        ],
+    )
 
 
 def _events(winners: list[_Fresh], kind: type[E]) -> list[E]:

@@ -10,7 +10,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from services.api.deps import SessionDep, require
 from services.api.errors import NotFound, problems
-from services.api.keys.service import Principal, create_api_key, list_api_keys, parse_scopes, revoke_api_key
+from services.api.keys.service import (
+    Principal,
+    create_api_key,
+    list_api_keys,
+    parse_scopes,
+    revoke_api_key,
+)
 from shared.enums import Scope
 from shared.models import ApiKey
 
@@ -60,7 +66,7 @@ class KeyCreated(KeyOut):
     "",
     status_code=status.HTTP_201_CREATED,
     summary="Create an API key",
-    responses=problems(401, 403, 422, 503),
+    responses=problems(400, 401, 403, 422, 503),
 )
 async def create_key(body: KeyCreate, session: SessionDep, _: Admin) -> KeyCreated:
     """Creates a key with the given scopes and returns it once. Needs scope `admin`."""

@@ -62,7 +62,9 @@ async def create_api_key(
     """Store a new key and return it with its plaintext, which is never retrievable again."""
     prefix = secrets.token_hex(4)
     plaintext = f"{KEY_PREFIX}{prefix}_{secrets.token_urlsafe(32)}"
-    key = ApiKey(name=name, prefix=prefix, key_hash=_hash(plaintext), scopes=[s.value for s in scopes])
+    key = ApiKey(
+        name=name, prefix=prefix, key_hash=_hash(plaintext), scopes=[s.value for s in scopes]
+    )
     session.add(key)
     await session.flush()
     return key, plaintext
@@ -73,9 +75,10 @@ async def list_api_keys(session: AsyncSession) -> list[ApiKey]:
 
 
 async def revoke_api_key(session: AsyncSession, *, key: str) -> ApiKey | None:
-    """Revoke by prefix or id; returns the key, or None when there is no such key."""
-    condition = ApiKey.id == int(key) if key.isdigit() else ApiKey.prefix == key
-    row = await session.scalar(select(ApiKey).where(condition))
+    """Revoke by prefix (or, failing that, by id); returns the key, or None when there is none."""
+    row = await session.scalar(select(ApiKey).where(ApiKey.prefix == key))
+    if row is None and key.isdigit():
+        row = await session.scalar(select(ApiKey).where(ApiKey.id == int(key)))
     if row is not None and row.revoked_at is None:
         row.revoked_at = datetime.now(UTC)
         await session.flush()

@@ -1,0 +1,147 @@
+"""Postgres or Redis away: 503 with Retry-After, nothing acknowledged lost, and recovery without
+a restart. The app reaches both through proxies the tests cut and restore."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from sqlalchemy import make_url, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from services.api.app import create_app
+from shared.models import Account, Order
+from shared.settings import Settings
+from tests import factories
+from tests.proxy import CuttableProxy, postgres_target
+
+
+@pytest.fixture
+async def pg_proxy(settings: Settings) -> AsyncIterator[CuttableProxy]:
+    url = make_url(settings.database_url)
+    query_host = url.query.get("host")
+    proxy = CuttableProxy(
+        **postgres_target(  # type: ignore[arg-type]
+            query_host if isinstance(query_host, str) else None, url.host, url.port
+        )
+    )
+    await proxy.start()
+    yield proxy
+    await proxy.stop()
+
+
+@pytest.fixture
+async def redis_proxy(settings: Settings) -> AsyncIterator[CuttableProxy]:
+    parts = urlsplit(settings.redis_url)
+    if parts.scheme == "unix":
+        proxy = CuttableProxy(unix_path=parts.path)
+    else:
+        proxy = CuttableProxy(host=parts.hostname, port=parts.port or 6379)
+    await proxy.start()
+    yield proxy
+    await proxy.stop()
+
+
+def _db_url_via(settings: Settings, proxy: CuttableProxy) -> str:
+    url = make_url(settings.database_url)
+    return url.set(
+        host="127.0.0.1",
+        port=proxy.listen_port,
+        query={k: v for k, v in url.query.items() if k != "host"},
+    ).render_as_string(hide_password=False)
+
+
+def _redis_url_via(settings: Settings, proxy: CuttableProxy) -> str:
+    db = "15"
+    parts = urlsplit(settings.redis_url)
+    if parts.scheme == "unix":
+        db = dict(p.split("=") for p in parts.query.split("&") if "=" in p).get("db", "0")
+    elif parts.path.strip("/"):
+        db = parts.path.strip("/")
+    return f"redis://127.0.0.1:{proxy.listen_port}/{db}"
+
+
+@pytest.fixture
+async def proxied(
+    settings: Settings, pg_proxy: CuttableProxy, redis_proxy: CuttableProxy
+) -> AsyncIterator[httpx.AsyncClient]:
+    proxied_settings = settings.model_copy(
+        update={
+            "database_url": _db_url_via(settings, pg_proxy),
+            "redis_url": _redis_url_via(settings, redis_proxy),
+        }
+    )
+    app: FastAPI = create_app(proxied_settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+            yield client
+
+
+async def test_postgres_down_is_503_then_recovers(
+    proxied: httpx.AsyncClient,
+    pg_proxy: CuttableProxy,
+    admin_headers: dict[str, str],
+    session: AsyncSession,
+) -> None:
+    ok = await proxied.post(
+        "/v1/orders", json=factories.order(external_id="SO-1"), headers=admin_headers
+    )
+    assert ok.status_code == 202
+
+    pg_proxy.cut()
+    for call in (
+        proxied.post("/v1/orders", json=factories.order(external_id="SO-2"), headers=admin_headers),
+        proxied.get("/v1/accounts", headers=admin_headers),
+        proxied.post(
+            "/v1/events",
+            json={"events": [factories.batch_item("order", factories.order(external_id="SO-3"))]},
+            headers=admin_headers,
+        ),
+    ):
+        response = await call
+        assert response.status_code == 503, response.text
+        assert response.headers["retry-after"] == "5"
+        assert response.headers["content-type"] == "application/problem+json"
+        assert "Traceback" not in response.text
+    ready = await proxied.get("/readyz")
+    assert ready.status_code == 503
+    assert ready.json()["postgres"] == "unavailable"
+    assert ready.json()["redis"] == "ok"
+
+    pg_proxy.restore()
+    again = await proxied.post(
+        "/v1/orders", json=factories.order(external_id="SO-2"), headers=admin_headers
+    )
+    assert again.status_code == 202
+    assert (await proxied.get("/readyz")).status_code == 200
+    # exactly what was acknowledged is stored
+    assert set(await session.scalars(select(Order.external_id))) == {"SO-1", "SO-2"}
+
+
+async def test_redis_down_still_accepts_and_leaves_the_account_for_the_sweeper(
+    proxied: httpx.AsyncClient,
+    redis_proxy: CuttableProxy,
+    admin_headers: dict[str, str],
+    session: AsyncSession,
+) -> None:
+    redis_proxy.cut()
+    ready = await proxied.get("/readyz")
+    assert ready.status_code == 503
+    assert ready.headers["retry-after"] == "5"
+    assert ready.json()["redis"] == "unavailable"
+
+    # Postgres is the record: the event is durable and the account stays marked dirty, so the
+    # sweeper schedules its rescore once Redis is back. Refusing the event would only make the
+    # producer resend it.
+    response = await proxied.post("/v1/orders", json=factories.order("A-1"), headers=admin_headers)
+    assert response.status_code == 202
+    account = await session.scalar(select(Account).where(Account.external_id == "A-1"))
+    assert account is not None
+    assert account.dirty
+
+    redis_proxy.restore()
+    assert (await proxied.get("/readyz")).status_code == 200
