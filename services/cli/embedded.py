@@ -37,14 +37,16 @@ def embedded_services(data_dir: Path, *, database: str = "kam") -> Iterator[Embe
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     with (
-        _postgres(data_dir / "postgres", database) as database_url,
+        embedded_postgres(data_dir / "postgres", database) as database_url,
         _redis(data_dir / "redis") as redis_url,
     ):
         yield EmbeddedUrls(database_url=database_url, redis_url=redis_url)
 
 
 @contextmanager
-def _postgres(pgdata: Path, database: str) -> Iterator[str]:
+def embedded_postgres(pgdata: Path, database: str = "kam") -> Iterator[str]:
+    """Postgres in ``pgdata``: started if needed, shared with other users of the same folder
+    (pgserver counts them), and stopped when the last one leaves."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # platformdirs warns about XDG_RUNTIME_DIR on servers
         try:

@@ -16,7 +16,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from alembic import command
@@ -57,6 +58,25 @@ def _require_urls(settings: Settings) -> None:
     ]
     if missing:
         raise SystemExit(f"{' and '.join(missing)} must be set (or use `kam dev`)")
+
+
+@contextmanager
+def _database(settings: Settings) -> Iterator[Settings]:
+    """The configured database, or else the embedded one that `kam dev` keeps under
+    KAM_DATA_DIR, so `kam keys ...` works beside `make run` without any URL."""
+    if settings.database_url:
+        yield settings
+        return
+    from services.cli.embedded import embedded_postgres
+
+    pgdata = Path(settings.data_dir) / "postgres"
+    if not pgdata.is_dir():
+        raise SystemExit(
+            "KAM_DATABASE_URL is not set and there is no embedded database yet "
+            "(run `make run` once, or set KAM_DATABASE_URL)"
+        )
+    with embedded_postgres(pgdata.resolve()) as database_url:
+        yield settings.model_copy(update={"database_url": database_url})
 
 
 async def _create_key(settings: Settings, name: str, scopes: str) -> str:
@@ -270,13 +290,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 downgrade=args.downgrade,
             )
         case "keys":
-            _require_urls(settings)
-            if args.keys_command == "create":
-                print(asyncio.run(_create_key(settings, args.name, args.scopes)))
-            elif args.keys_command == "list":
-                asyncio.run(_list_keys(settings))
-            else:
-                asyncio.run(_revoke_key(settings, args.key))
+            with _database(settings) as settings:
+                if args.keys_command == "create":
+                    print(asyncio.run(_create_key(settings, args.name, args.scopes)))
+                elif args.keys_command == "list":
+                    asyncio.run(_list_keys(settings))
+                else:
+                    asyncio.run(_revoke_key(settings, args.key))
         case "demo":
             from services.cli.demo import run_demo
 

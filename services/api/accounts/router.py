@@ -171,9 +171,7 @@ async def get_account(external_id: AccountId, session: SessionDep, _: Reader) ->
     )
 
 
-def _newest_first(
-    query: Select[*Row], at: Any, id_: Any, cursor: str | None
-) -> Select[*Row]:
+def _newest_first(query: Select[*Row], at: Any, id_: Any, cursor: str | None) -> Select[*Row]:
     if cursor is not None:
         after_at, after_id = decode_cursor(cursor, datetime, int)
         query = query.where(tuple_(at, id_) < tuple_(after_at, after_id))
