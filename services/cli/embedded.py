@@ -94,6 +94,7 @@ def _redis(directory: Path) -> Iterator[str]:
             str(directory / "redis.log"),
         ],
         stdout=subprocess.DEVNULL,
+        start_new_session=True,  # stopped by us after the API and scorer, not by the Ctrl-C
     )
     url = f"unix://{socket}"
     try:

@@ -194,9 +194,13 @@ def _supervise(database_url: str, redis_url: str, host: str, port: int) -> int:
             flush=True,
         )
     kam = [sys.executable, "-m", "services.cli.main"]
+    # Own sessions: a Ctrl-C at the terminal reaches only this supervisor, which then stops
+    # each child once, in order, instead of every process receiving it at the same moment.
     children = [
-        subprocess.Popen([*kam, "api", "--host", host, "--port", str(port)], env=env),  # noqa: S603
-        subprocess.Popen([*kam, "scorer"], env=env),  # noqa: S603
+        subprocess.Popen(  # noqa: S603
+            [*kam, "api", "--host", host, "--port", str(port)], env=env, start_new_session=True
+        ),
+        subprocess.Popen([*kam, "scorer"], env=env, start_new_session=True),  # noqa: S603
     ]
     print(
         f"KAM is running: http://{host}:{port} (docs at http://{host}:{port}/docs). "
