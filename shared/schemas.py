@@ -107,6 +107,17 @@ MAX_VERSION = 2**63 - 1
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
+_ONE_VERSION = [{"required": ["version"]}, {"required": ["updated_at"]}]
+
+
+def _versioned_schema(example: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Schema extras of a versioned event: the one-of-version rule, and an example for /docs."""
+    extra: dict[str, Any] = {"oneOf": _ONE_VERSION}
+    if example is not None:
+        extra["examples"] = [example]
+    return extra
+
+
 class StrictModel(BaseModel):
     """Base of every request body: unknown fields are an error, not silently dropped."""
 
@@ -121,9 +132,7 @@ class Versioned(StrictModel):
     already applied is stored for audit but changes nothing (``stale``).
     """
 
-    model_config = ConfigDict(
-        json_schema_extra={"oneOf": [{"required": ["version"]}, {"required": ["updated_at"]}]}
-    )
+    model_config = ConfigDict(json_schema_extra=_versioned_schema())
 
     event_id: EventId
     version: Annotated[
@@ -162,6 +171,25 @@ class Versioned(StrictModel):
 class AccountData(Versioned):
     """Master data of an account (the body of ``PUT /v1/accounts/{external_id}``)."""
 
+    model_config = ConfigDict(
+        json_schema_extra=_versioned_schema(
+            {
+                "event_id": "crm-acc-A-1001-v3",
+                "version": 3,
+                "name": "Nordwerk GmbH",
+                "industry": "Machinery",
+                "region": "DACH",
+                "segment": "Enterprise",
+                "parent_external_id": "G-NORDWERK",
+                "manager_external_id": "M-7",
+                "credit_limit": "250000.00",
+                "payment_terms_days": 30,
+                "strategic_fit": 4,
+                "status": "active",
+            }
+        )
+    )
+
     name: Name
     industry: ShortText | None = None
     region: ShortText | None = None
@@ -192,6 +220,18 @@ class AccountData(Versioned):
 class ManagerData(Versioned):
     """A key-account manager (the body of ``PUT /v1/managers/{external_id}``)."""
 
+    model_config = ConfigDict(
+        json_schema_extra=_versioned_schema(
+            {
+                "event_id": "hr-mgr-M-7-v1",
+                "version": 1,
+                "name": "Kim Berger",
+                "email": "kim.berger@example.com",
+                "capacity": 9,
+            }
+        )
+    )
+
     name: Name
     email: Email | None = None
     capacity: StrictInt = Field(
@@ -208,6 +248,23 @@ class OrderLine(StrictModel):
 class OrderData(Versioned):
     """An order. A later event for the same ``external_id`` (higher version) updates it."""
 
+    model_config = ConfigDict(
+        json_schema_extra=_versioned_schema(
+            {
+                "event_id": "erp-ord-SO-55120-v1",
+                "version": 1,
+                "external_id": "SO-55120",
+                "account_external_id": "A-1001",
+                "ordered_at": "2026-11-20T10:15:00Z",
+                "amount": "18400.00",
+                "cost": "12900.00",
+                "currency": "EUR",
+                "status": "placed",
+                "lines": [{"category": "spare parts", "quantity": "40", "amount": "18400.00"}],
+            }
+        )
+    )
+
     external_id: ExternalId
     account_external_id: ExternalId
     ordered_at: Timestamp
@@ -220,6 +277,21 @@ class OrderData(Versioned):
 
 class ContactData(Versioned):
     """A person at an account. Everything but ``role`` is personal data."""
+
+    model_config = ConfigDict(
+        json_schema_extra=_versioned_schema(
+            {
+                "event_id": "crm-contact-C-88-v2",
+                "version": 2,
+                "external_id": "C-88",
+                "account_external_id": "A-1001",
+                "name": "Erika Muster",
+                "role": "decision_maker",
+                "email": "erika.muster@example.com",
+                "phone": "+49 30 1234567",
+            }
+        )
+    )
 
     external_id: ExternalId
     account_external_id: ExternalId
@@ -237,6 +309,24 @@ class ContactData(Versioned):
 class InteractionData(Versioned):
     """A contact with the account; ``satisfaction`` (1 very dissatisfied ... 5 very satisfied)
     belongs to surveys only."""
+
+    model_config = ConfigDict(
+        json_schema_extra=_versioned_schema(
+            {
+                "event_id": "cc-survey-77120",
+                "updated_at": "2026-11-21T08:02:11Z",
+                "external_id": "SURVEY-77120",
+                "account_external_id": "A-1001",
+                "contact_external_id": "C-88",
+                "channel": "email",
+                "direction": "inbound",
+                "kind": "survey",
+                "occurred_at": "2026-11-21T08:00:00Z",
+                "satisfaction": 2,
+                "summary": "Delivery times got worse this quarter.",
+            }
+        )
+    )
 
     external_id: ExternalId
     account_external_id: ExternalId
@@ -258,6 +348,21 @@ class InteractionData(Versioned):
 class PaymentData(Versioned):
     """An invoice of an account and, once paid, when. A later event updates the invoice."""
 
+    model_config = ConfigDict(
+        json_schema_extra=_versioned_schema(
+            {
+                "event_id": "fin-inv-2026-4411-v2",
+                "version": 2,
+                "invoice_external_id": "INV-2026-4411",
+                "account_external_id": "A-1001",
+                "amount": "18400.00",
+                "currency": "EUR",
+                "due_at": "2026-12-20T00:00:00Z",
+                "paid_at": "2026-12-29T00:00:00Z",
+            }
+        )
+    )
+
     invoice_external_id: ExternalId
     account_external_id: ExternalId
     amount: Amount
@@ -270,6 +375,8 @@ class PaymentData(Versioned):
 
 
 class AccountEvent(AccountData):
+    model_config = ConfigDict(json_schema_extra=_versioned_schema())  # examples: /v1/events
+
     type: Literal["account"]
     external_id: ExternalId
 
@@ -281,23 +388,33 @@ class AccountEvent(AccountData):
 
 
 class ManagerEvent(ManagerData):
+    model_config = ConfigDict(json_schema_extra=_versioned_schema())  # examples: /v1/events
+
     type: Literal["manager"]
     external_id: ExternalId
 
 
 class OrderEvent(OrderData):
+    model_config = ConfigDict(json_schema_extra=_versioned_schema())  # examples: /v1/events
+
     type: Literal["order"]
 
 
 class ContactEvent(ContactData):
+    model_config = ConfigDict(json_schema_extra=_versioned_schema())  # examples: /v1/events
+
     type: Literal["contact"]
 
 
 class InteractionEvent(InteractionData):
+    model_config = ConfigDict(json_schema_extra=_versioned_schema())  # examples: /v1/events
+
     type: Literal["interaction"]
 
 
 class PaymentEvent(PaymentData):
+    model_config = ConfigDict(json_schema_extra=_versioned_schema())  # examples: /v1/events
+
     type: Literal["payment"]
 
 
