@@ -260,6 +260,17 @@ def _dbapi_handler(on_down: Any, on_other: Any) -> Any:
         assert isinstance(exc, DBAPIError)
         if exc.connection_invalidated or _is_connection_problem(exc.orig):
             return await on_down(request, exc)  # type: ignore[no-any-return]
+        if _is_contention(exc.orig):
+            # The transaction was rolled back whole; the same request will succeed on a retry
+            # (and is idempotent by event_id), so say so rather than answer 500.
+            log.warning("transaction_conflict", path=request.url.path)
+            return problem_response(
+                503,
+                "Conflicting concurrent write",
+                detail="Another request locked the same rows; nothing was written. Retry.",
+                headers={"Retry-After": "1"},
+                instance=request.url.path,
+            )
         return await on_other(request, exc)  # type: ignore[no-any-return]
 
     return handle
@@ -275,6 +286,17 @@ _CONNECTION_ERRORS = (
     OSError,
     TimeoutError,
 )
+
+
+def _is_contention(orig: BaseException | None) -> bool:
+    cause = orig
+    while cause is not None:
+        if isinstance(
+            cause, asyncpg.exceptions.DeadlockDetectedError | asyncpg.exceptions.SerializationError
+        ):
+            return True
+        cause = cause.__cause__
+    return False
 
 
 def _is_connection_problem(orig: BaseException | None) -> bool:

@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.scorer.enqueue import enqueue_rescores
 from shared.models import Account
+from shared.settings import Settings
 
 log = structlog.get_logger(__name__)
 
@@ -41,8 +42,8 @@ async def job_session(ctx: dict[str, Any]) -> AsyncIterator[AsyncSession]:
 async def rescore_account(ctx: dict[str, Any], account_id: int) -> bool:
     """Recompute one account and clear its dirty mark, unless an event arrived meanwhile.
 
-    Returns whether the mark was cleared. When it was not, the account stays dirty and the next
-    rescore (enqueued by the newer event, or by the sweeper) picks it up.
+    When an event arrived meanwhile the mark stays and the job retries itself shortly (a lost
+    retry is covered by the sweeper).
     """
     async with job_session(ctx) as session:
         seen_seq = await session.scalar(select(Account.dirty_seq).where(Account.id == account_id))
@@ -51,6 +52,11 @@ async def rescore_account(ctx: dict[str, Any], account_id: int) -> bool:
         # Scoring itself hooks in here (features -> score -> tier -> risk -> snapshot).
         cleared = await clear_dirty_mark(session, account_id=account_id, seen_seq=seen_seq)
     log.info("account_rescored", account_id=account_id, cleared=cleared)
+    if not cleared:
+        # Events arrived while this ran; their enqueue found this job still in flight and was
+        # coalesced into it, so run again (same job id) rather than wait for the sweeper.
+        settings: Settings = ctx["settings"]
+        raise Retry(defer=max(settings.rescore_debounce_s, 0.1))
     return cleared
 
 

@@ -181,9 +181,11 @@ async def post_events(request: Request, session: SessionDep, principal: Writer) 
 
     results: list[ItemResult] = []
     valid: list[tuple[int, AnyEvent]] = []
+    payloads: list[Any] = []
     for index, item in enumerate(items):
         try:
             valid.append((index, _event_adapter.validate_python(item)))
+            payloads.append(item)
         except ValidationError as exc:
             errors = field_errors(
                 [{**e, "loc": ("events", index, *e["loc"])} for e in exc.errors()]
@@ -197,7 +199,7 @@ async def post_events(request: Request, session: SessionDep, principal: Writer) 
                 )
             )
     statuses = await ingest_events(
-        session, [event for _, event in valid], api_key_id=principal.key_id
+        session, [event for _, event in valid], api_key_id=principal.key_id, payloads=payloads
     )
     results.extend(
         ItemResult(index=index, event_id=event.event_id, status=outcome)

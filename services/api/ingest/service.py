@@ -1,33 +1,26 @@
 """Applies validated events to the database, set-based, in the caller's transaction.
 
-For a batch of N events this issues a fixed number of statements, not N: one insert of the raw
-events (which tells new from duplicate by ``event_id``), one upsert of stub accounts (and managers
+A batch of N events costs a fixed number of statements, not N: one insert of the raw events
+(which tells new from duplicate by ``event_id``), one upsert of the stub accounts (and managers
 and contacts) that events point at, one version-guarded upsert per entity type, and one update
-that marks the touched accounts dirty. Rows are always written in key order so that concurrent
-batches lock them in the same order.
+that marks the touched accounts dirty. Each statement takes its rows as arrays and ``unnest``s
+them, so its text never changes with the batch size: the driver prepares it once per connection
+and SQLAlchemy compiles nothing per request. Rows are always written in key order so that
+concurrent batches lock them in the same order.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import json
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from functools import cached_property
+from typing import Any
 
-from sqlalchemy import ColumnElement, Table, func, or_, select, update
-from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.api.deps import RESCORE_AFTER_COMMIT
 from shared.enums import EventType, ItemStatus
-from shared.models import (
-    Account,
-    Contact,
-    IngestEvent,
-    Interaction,
-    Manager,
-    Order,
-    Payment,
-)
 from shared.schemas import (
     AccountEvent,
     ContactData,
@@ -40,13 +33,12 @@ from shared.schemas import (
 # The typed endpoints hand in their bodies (``OrderData``...), the batch its items (``OrderEvent``,
 # a subclass): both are applied alike.
 AnyEvent = AccountEvent | ManagerEvent | OrderData | ContactData | InteractionData | PaymentData
-E = TypeVar("E")
 
 _TYPE_NAMES: tuple[tuple[type[Any], EventType], ...] = (
-    (AccountEvent, EventType.account),
     (ManagerEvent, EventType.manager),
-    (OrderData, EventType.order),
+    (AccountEvent, EventType.account),
     (ContactData, EventType.contact),
+    (OrderData, EventType.order),
     (InteractionData, EventType.interaction),
     (PaymentData, EventType.payment),
 )
@@ -57,18 +49,6 @@ def event_type(event: AnyEvent) -> EventType:
         if isinstance(event, kind):
             return name
     raise TypeError(f"not an event: {type(event).__name__}")
-
-
-# asyncpg allows 32,767 bind parameters a statement; rows are written in chunks below that.
-_MAX_PARAMS = 30_000
-
-
-@dataclass(slots=True)
-class _Fresh:
-    """A new (not duplicate) event on its way to being applied."""
-
-    index: int
-    event: AnyEvent
 
 
 def entity_key(event: AnyEvent) -> str:
@@ -85,14 +65,34 @@ def account_ref(event: AnyEvent) -> str | None:
     return event.account_external_id
 
 
+@dataclass(slots=True)
+class _Fresh:
+    """A new (not duplicate) event on its way to being applied."""
+
+    index: int
+    event: AnyEvent
+
+
+async def _rows(session: AsyncSession, sql: str, *params: Any) -> list[Any]:
+    """Run one statement with positional ``$n`` parameters on the session's transaction."""
+    connection = await session.connection()
+    result = await connection.exec_driver_sql(sql, params)
+    return list(result.all()) if result.returns_rows else []
+
+
 async def ingest_events(
-    session: AsyncSession, events: Sequence[AnyEvent], *, api_key_id: int | None
+    session: AsyncSession,
+    events: Sequence[AnyEvent],
+    *,
+    api_key_id: int | None,
+    payloads: Sequence[Mapping[str, Any]] | None = None,
 ) -> list[ItemStatus]:
     """Store and apply ``events``; returns one status per event, in order.
 
-    A repeated ``event_id`` (earlier, or earlier in this batch) is a duplicate and changes nothing.
-    Of several events for one entity, only a higher ``source_version`` than the stored one is
-    applied; the others are kept for audit as ``stale``.
+    ``payloads`` are the events as received, kept as the raw audit record (the typed models are
+    dumped when none are given). A repeated ``event_id`` (earlier, or earlier in this batch) is a
+    duplicate and changes nothing. Of several events for one entity, only a higher version than
+    the stored one is applied; the others are kept for audit as ``stale``.
     """
     statuses: list[ItemStatus] = [ItemStatus.duplicate] * len(events)
     first_index: dict[str, int] = {}
@@ -101,21 +101,21 @@ async def ingest_events(
     if not first_index:
         return statuses
 
-    new_ids = await _insert_raw_events(
-        session, [(i, events[i]) for i in sorted(first_index.values())], api_key_id=api_key_id
+    new_ids = await _insert_raw_events(session, events, payloads, first_index, api_key_id)
+    fresh = sorted(
+        (_Fresh(first_index[eid], events[first_index[eid]]) for eid in new_ids),
+        key=lambda f: f.index,
     )
-    fresh = [_Fresh(first_index[eid], events[first_index[eid]]) for eid in new_ids]
-    fresh.sort(key=lambda f: f.index)
     if not fresh:
         return statuses
 
     account_ids = await _ensure_accounts(session, fresh)
     manager_ids = await _ensure_managers(session, fresh)
-    applied: set[int] = set()  # indexes of applied events
-    for kind, _ in _TYPE_NAMES:
+    applied: set[int] = set()
+    for kind, name in _TYPE_NAMES:
         group = [f for f in fresh if isinstance(f.event, kind)]
         if group:
-            applied |= await _apply(session, group, account_ids, manager_ids)
+            applied |= await _apply(session, _UPSERTS[name], group, account_ids, manager_ids)
 
     stale_ids: list[str] = []
     touched: set[int] = set()
@@ -129,58 +129,130 @@ async def ingest_events(
             statuses[f.index] = ItemStatus.stale
             stale_ids.append(f.event.event_id)
     if stale_ids:
-        await session.execute(
-            update(IngestEvent)
-            .where(IngestEvent.event_id.in_(stale_ids))
-            .values(status=ItemStatus.stale.value)
+        await _rows(
+            session,
+            "UPDATE ingest_events SET status = 'stale' WHERE event_id = ANY($1::text[])",
+            stale_ids,
         )
     if touched:
         await mark_dirty(session, touched)
     return statuses
 
 
+_MARK_DIRTY = """
+WITH target AS (
+    SELECT unnest($1::bigint[]) AS id
+    UNION
+    SELECT parent_id FROM accounts WHERE id = ANY($1::bigint[]) AND parent_id IS NOT NULL
+), previous AS (
+    SELECT a.id, a.dirty FROM accounts a JOIN target USING (id) ORDER BY a.id FOR NO KEY UPDATE OF a
+)
+UPDATE accounts a
+SET dirty = true, dirty_seq = a.dirty_seq + 1, dirty_since = coalesce(a.dirty_since, now())
+FROM previous
+WHERE a.id = previous.id
+RETURNING a.id, previous.dirty
+"""
+
+
 async def mark_dirty(session: AsyncSession, account_ids: Iterable[int]) -> None:
-    """Mark accounts, and the groups they belong to, for a rescore after commit."""
-    ids = sorted(set(account_ids))
-    parents = select(Account.parent_id).where(Account.id.in_(ids), Account.parent_id.is_not(None))
-    result = await session.execute(
-        update(Account)
-        .where(or_(Account.id.in_(ids), Account.id.in_(parents)))
-        .values(
-            dirty=True,
-            dirty_seq=Account.dirty_seq + 1,
-            dirty_since=func.coalesce(Account.dirty_since, func.now()),
-        )
-        .returning(Account.id)
-    )
-    rescore: set[int] = session.info.setdefault(RESCORE_AFTER_COMMIT, set())
-    rescore.update(result.scalars())
+    """Mark accounts, and the groups they belong to, for a rescore after commit.
+
+    Only accounts that were clean need a job: a dirty account already has one queued, or one
+    running that will retry when it sees the newer mark, or (if a job was lost) the sweeper.
+    """
+    rows = await _rows(session, _MARK_DIRTY, sorted(set(account_ids)))
+    newly_dirty = {account_id for account_id, was_dirty in rows if not was_dirty}
+    if newly_dirty:
+        rescore: set[int] = session.info.setdefault(RESCORE_AFTER_COMMIT, set())
+        rescore.update(newly_dirty)
+
+
+_INSERT_RAW = """
+INSERT INTO ingest_events (event_id, type, account_external_id, status, payload, api_key_id)
+SELECT event_id, type, account_external_id, 'accepted', payload::jsonb, $5::bigint
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
+    AS u(event_id, type, account_external_id, payload)
+ORDER BY event_id
+ON CONFLICT (event_id) DO NOTHING
+RETURNING event_id
+"""
 
 
 async def _insert_raw_events(
-    session: AsyncSession, items: list[tuple[int, AnyEvent]], *, api_key_id: int | None
+    session: AsyncSession,
+    events: Sequence[AnyEvent],
+    payloads: Sequence[Mapping[str, Any]] | None,
+    first_index: dict[str, int],
+    api_key_id: int | None,
 ) -> list[str]:
-    rows = [
-        {
-            "event_id": event.event_id,
-            "type": event_type(event).value,
-            "account_external_id": account_ref(event),
-            "status": ItemStatus.accepted.value,
-            "payload": event.model_dump(mode="json", exclude_none=True),
-            "api_key_id": api_key_id,
-        }
-        for _, event in sorted(items, key=lambda item: item[1].event_id)
-    ]
-    inserted: list[str] = []
-    for chunk in _chunks(rows):
-        stmt = (
-            insert(IngestEvent)
-            .values(chunk)
-            .on_conflict_do_nothing(index_elements=[IngestEvent.event_id])
-            .returning(IngestEvent.event_id)
+    event_ids: list[str] = []
+    types: list[str] = []
+    accounts: list[str | None] = []
+    bodies: list[str] = []
+    for event_id, index in first_index.items():
+        event = events[index]
+        kind = event_type(event)
+        payload = (
+            payloads[index]
+            if payloads is not None
+            else {"type": kind.value, **event.model_dump(mode="json", exclude_unset=True)}
         )
-        inserted.extend((await session.execute(stmt)).scalars())
-    return inserted
+        event_ids.append(event_id)
+        types.append(kind.value)
+        accounts.append(account_ref(event))
+        bodies.append(json.dumps(payload, separators=(",", ":"), ensure_ascii=False))
+    rows = await _rows(session, _INSERT_RAW, event_ids, types, accounts, bodies, api_key_id)
+    return [row[0] for row in rows]
+
+
+def _ensure_sql(table: str) -> str:
+    # The SELECT sees the statement's snapshot, not the CTE's inserts: both halves are needed.
+    return f"""
+WITH wanted AS (SELECT DISTINCT unnest($1::text[]) AS external_id),
+inserted AS (
+    INSERT INTO {table} (external_id)
+    SELECT external_id FROM wanted ORDER BY external_id
+    ON CONFLICT (external_id) DO NOTHING
+    RETURNING id, external_id
+)
+SELECT id, external_id FROM inserted
+UNION ALL
+SELECT t.id, t.external_id FROM {table} t JOIN wanted USING (external_id)
+"""  # noqa: S608 - the table names are this module's constants
+
+
+_ENSURE_ACCOUNTS = _ensure_sql("accounts")
+_ENSURE_MANAGERS = _ensure_sql("managers")
+_ENSURE_CONTACTS = """
+WITH wanted AS (
+    SELECT DISTINCT ON (external_id) external_id, account_id
+    FROM unnest($1::text[], $2::bigint[]) AS u(external_id, account_id)
+),
+inserted AS (
+    INSERT INTO contacts (external_id, account_id)
+    SELECT external_id, account_id FROM wanted ORDER BY external_id
+    ON CONFLICT (external_id) DO NOTHING
+    RETURNING id, external_id
+)
+SELECT id, external_id FROM inserted
+UNION ALL
+SELECT c.id, c.external_id FROM contacts c JOIN wanted USING (external_id)
+"""
+_RESELECT = "SELECT id, external_id FROM {table} WHERE external_id = ANY($1::text[])"
+
+
+async def _ensure(session: AsyncSession, table: str, sql: str, *params: Any) -> dict[str, int]:
+    """Ids of the rows named by external id in ``params[0]``, creating stubs for new ones."""
+    wanted: list[str] = params[0]
+    found = {external_id: id_ for id_, external_id in await _rows(session, sql, *params)}
+    missing = set(wanted) - set(found)
+    if missing:
+        # Another transaction committed the same stub after this statement's snapshot was taken:
+        # ON CONFLICT saw it, the SELECT half could not. A fresh statement sees it.
+        rows = await _rows(session, _RESELECT.format(table=table), sorted(missing))
+        found |= {external_id: id_ for id_, external_id in rows}
+    return found
 
 
 async def _ensure_accounts(session: AsyncSession, fresh: list[_Fresh]) -> dict[str, int]:
@@ -192,49 +264,228 @@ async def _ensure_accounts(session: AsyncSession, fresh: list[_Fresh]) -> dict[s
             refs.add(ref)
         if isinstance(f.event, AccountEvent) and f.event.parent_external_id:
             refs.add(f.event.parent_external_id)
-    return await _ensure(session, Account.__table__, refs)
+    if not refs:
+        return {}
+    return await _ensure(session, "accounts", _ENSURE_ACCOUNTS, sorted(refs))
 
 
 async def _ensure_managers(session: AsyncSession, fresh: list[_Fresh]) -> dict[str, int]:
-    refs = {f.event.manager_external_id for f in fresh if isinstance(f.event, AccountEvent)}
+    refs = {
+        f.event.manager_external_id
+        for f in fresh
+        if isinstance(f.event, AccountEvent) and f.event.manager_external_id
+    }
     refs |= {f.event.external_id for f in fresh if isinstance(f.event, ManagerEvent)}
-    refs.discard(None)
-    return await _ensure(session, Manager.__table__, {r for r in refs if r is not None})
-
-
-async def _ensure(session: AsyncSession, table: Any, refs: set[str]) -> dict[str, int]:
     if not refs:
         return {}
-    ordered = sorted(refs)
-    await session.execute(
-        insert(table)
-        .values([{"external_id": ref} for ref in ordered])
-        .on_conflict_do_nothing(index_elements=["external_id"])
-    )
-    result = await session.execute(
-        select(table.c.external_id, table.c.id).where(table.c.external_id.in_(ordered))
-    )
-    return {external_id: id_ for external_id, id_ in result}
+    return await _ensure(session, "managers", _ENSURE_MANAGERS, sorted(r for r in refs if r))
 
 
-async def _ensure_contacts(session: AsyncSession, refs: dict[str, int]) -> dict[str, int]:
-    """Ids of contacts that interactions name, creating stubs (at the interaction's account)."""
-    if not refs:
-        return {}
-    ordered = sorted(refs)
-    await session.execute(
-        insert(Contact)
-        .values([{"external_id": ref, "account_id": refs[ref]} for ref in ordered])
-        .on_conflict_do_nothing(index_elements=[Contact.external_id])
+@dataclass(frozen=True)
+class _Upsert:
+    """A version-guarded upsert of one entity type from column arrays."""
+
+    table: str
+    key: str
+    columns: tuple[tuple[str, str], ...]  # (column, Postgres type; jsonb travels as text)
+    rows: Callable[[Any, dict[str, int], dict[str, int], dict[str, int]], tuple[Any, ...]]
+    stubs: bool = False  # rows may exist as stubs with no version yet
+
+    @cached_property
+    def sql(self) -> str:
+        names = [name for name, _ in self.columns]
+        arrays = ", ".join(
+            f"${i}::{'text' if pg_type == 'jsonb' else pg_type}[]"
+            for i, (_, pg_type) in enumerate(self.columns, 1)
+        )
+        select = ", ".join(
+            f"{name}::jsonb" if pg_type == "jsonb" else name for name, pg_type in self.columns
+        )
+        updates = ", ".join(f"{name} = EXCLUDED.{name}" for name in names if name != self.key)
+        guard = f"{self.table}.source_version < EXCLUDED.source_version"
+        if self.stubs:
+            guard = f"{self.table}.source_version IS NULL OR {guard}"
+        return f"""
+INSERT INTO {self.table} ({", ".join(names)})
+SELECT {select} FROM unnest({arrays}) AS u({", ".join(names)})
+ORDER BY {self.key}
+ON CONFLICT ({self.key}) DO UPDATE SET {updates}, updated_at = now()
+WHERE {guard}
+RETURNING {self.key}
+"""  # noqa: S608 - names are this module's constants; values travel as $n parameters
+
+
+def _lines(event: OrderData) -> str:
+    return json.dumps(
+        [
+            {"category": line.category, "quantity": str(line.quantity), "amount": str(line.amount)}
+            for line in event.lines
+        ],
+        separators=(",", ":"),
+        ensure_ascii=False,
     )
-    result = await session.execute(
-        select(Contact.external_id, Contact.id).where(Contact.external_id.in_(ordered))
-    )
-    return dict(result.all())
+
+
+_UPSERTS: dict[EventType, _Upsert] = {
+    EventType.manager: _Upsert(
+        "managers",
+        "external_id",
+        (
+            ("external_id", "text"),
+            ("name", "text"),
+            ("email", "text"),
+            ("capacity", "int"),
+            ("source_version", "bigint"),
+        ),
+        lambda e, a, m, c: (e.external_id, e.name, e.email, e.capacity, e.source_version),
+        stubs=True,
+    ),
+    EventType.account: _Upsert(
+        "accounts",
+        "external_id",
+        (
+            ("external_id", "text"),
+            ("name", "text"),
+            ("industry", "text"),
+            ("region", "text"),
+            ("segment", "text"),
+            ("parent_id", "bigint"),
+            ("manager_id", "bigint"),
+            ("credit_limit", "numeric"),
+            ("payment_terms_days", "int"),
+            ("strategic_fit", "int"),
+            ("status", "text"),
+            ("churn_reason", "text"),
+            ("source_version", "bigint"),
+        ),
+        lambda e, a, m, c: (
+            e.external_id,
+            e.name,
+            e.industry,
+            e.region,
+            e.segment,
+            a[e.parent_external_id] if e.parent_external_id else None,
+            m[e.manager_external_id] if e.manager_external_id else None,
+            e.credit_limit,
+            e.payment_terms_days,
+            e.strategic_fit,
+            e.status.value,
+            e.churn_reason,
+            e.source_version,
+        ),
+        stubs=True,
+    ),
+    EventType.contact: _Upsert(
+        "contacts",
+        "external_id",
+        (
+            ("external_id", "text"),
+            ("account_id", "bigint"),
+            ("name", "text"),
+            ("role", "text"),
+            ("email", "text"),
+            ("phone", "text"),
+            ("address", "text"),
+            ("gender", "text"),
+            ("birth_year", "int"),
+            ("source_version", "bigint"),
+        ),
+        lambda e, a, m, c: (
+            e.external_id,
+            a[e.account_external_id],
+            e.name,
+            e.role.value if e.role else None,
+            e.email,
+            e.phone,
+            e.address,
+            e.gender,
+            e.birth_year,
+            e.source_version,
+        ),
+        stubs=True,
+    ),
+    EventType.order: _Upsert(
+        "orders",
+        "external_id",
+        (
+            ("external_id", "text"),
+            ("account_id", "bigint"),
+            ("ordered_at", "timestamptz"),
+            ("amount", "numeric"),
+            ("cost", "numeric"),
+            ("currency", "text"),
+            ("status", "text"),
+            ("lines", "jsonb"),
+            ("source_version", "bigint"),
+        ),
+        lambda e, a, m, c: (
+            e.external_id,
+            a[e.account_external_id],
+            e.ordered_at,
+            e.amount,
+            e.cost,
+            e.currency,
+            e.status.value,
+            _lines(e),
+            e.source_version,
+        ),
+    ),
+    EventType.interaction: _Upsert(
+        "interactions",
+        "external_id",
+        (
+            ("external_id", "text"),
+            ("account_id", "bigint"),
+            ("contact_id", "bigint"),
+            ("channel", "text"),
+            ("direction", "text"),
+            ("kind", "text"),
+            ("occurred_at", "timestamptz"),
+            ("satisfaction", "int"),
+            ("summary", "text"),
+            ("source_version", "bigint"),
+        ),
+        lambda e, a, m, c: (
+            e.external_id,
+            a[e.account_external_id],
+            c[e.contact_external_id] if e.contact_external_id else None,
+            e.channel.value,
+            e.direction.value,
+            e.kind.value,
+            e.occurred_at,
+            e.satisfaction,
+            e.summary,
+            e.source_version,
+        ),
+    ),
+    EventType.payment: _Upsert(
+        "payments",
+        "invoice_external_id",
+        (
+            ("invoice_external_id", "text"),
+            ("account_id", "bigint"),
+            ("amount", "numeric"),
+            ("currency", "text"),
+            ("due_at", "timestamptz"),
+            ("paid_at", "timestamptz"),
+            ("source_version", "bigint"),
+        ),
+        lambda e, a, m, c: (
+            e.invoice_external_id,
+            a[e.account_external_id],
+            e.amount,
+            e.currency,
+            e.due_at,
+            e.paid_at,
+            e.source_version,
+        ),
+    ),
+}
 
 
 async def _apply(
     session: AsyncSession,
+    upsert: _Upsert,
     group: list[_Fresh],
     account_ids: dict[str, int],
     manager_ids: dict[str, int],
@@ -250,168 +501,19 @@ async def _apply(
     winners = [newest[key] for key in sorted(newest)]
 
     contact_ids: dict[str, int] = {}
-    if isinstance(winners[0].event, InteractionData):
-        contact_refs = {
+    if upsert.table == "interactions":
+        named = {
             f.event.contact_external_id: account_ids[f.event.account_external_id]
             for f in winners
             if isinstance(f.event, InteractionData) and f.event.contact_external_id
         }
-        contact_ids = await _ensure_contacts(session, contact_refs)
+        if named:
+            refs = sorted(named)
+            contact_ids = await _ensure(
+                session, "contacts", _ENSURE_CONTACTS, refs, [named[r] for r in refs]
+            )
 
-    model, key_column, rows = _rows(winners, account_ids, manager_ids, contact_ids)
-    table: Table = model.__table__
-    applied_keys: set[str] = set()
-    for chunk in _chunks(rows):
-        values = insert(table).values(chunk)
-        excluded = values.excluded
-        guard: ColumnElement[bool] = table.c.source_version < excluded.source_version
-        if model in (Account, Manager, Contact):  # stubs carry no version yet
-            guard = or_(table.c.source_version.is_(None), guard)
-        columns = [c for c in chunk[0] if c != key_column]
-        upsert = values.on_conflict_do_update(
-            index_elements=[key_column],
-            set_={**{c: excluded[c] for c in columns}, "updated_at": func.now()},
-            where=guard,
-        ).returning(table.c[key_column])
-        applied_keys.update((await session.execute(upsert)).scalars())
+    rows = [upsert.rows(f.event, account_ids, manager_ids, contact_ids) for f in winners]
+    columns = [list(column) for column in zip(*rows, strict=True)]
+    applied_keys = {row[0] for row in await _rows(session, upsert.sql, *columns)}
     return {f.index for f in winners if entity_key(f.event) in applied_keys}
-
-
-def _rows(
-    winners: list[_Fresh],
-    account_ids: dict[str, int],
-    manager_ids: dict[str, int],
-    contact_ids: dict[str, int],
-) -> tuple[type[Any], str, list[dict[str, Any]]]:
-    first = winners[0].event
-    if isinstance(first, AccountEvent):
-        return (
-            Account,
-            "external_id",
-            [
-                {
-                    "external_id": e.external_id,
-                    "name": e.name,
-                    "industry": e.industry,
-                    "region": e.region,
-                    "segment": e.segment,
-                    "parent_id": account_ids[e.parent_external_id]
-                    if e.parent_external_id
-                    else None,
-                    "manager_id": manager_ids[e.manager_external_id]
-                    if e.manager_external_id
-                    else None,
-                    "credit_limit": e.credit_limit,
-                    "payment_terms_days": e.payment_terms_days,
-                    "strategic_fit": e.strategic_fit,
-                    "status": e.status.value,
-                    "churn_reason": e.churn_reason,
-                    "source_version": e.source_version,
-                }
-                for e in _events(winners, AccountEvent)
-            ],
-        )
-    if isinstance(first, ManagerEvent):
-        return (
-            Manager,
-            "external_id",
-            [
-                {
-                    "external_id": e.external_id,
-                    "name": e.name,
-                    "email": e.email,
-                    "capacity": e.capacity,
-                    "source_version": e.source_version,
-                }
-                for e in _events(winners, ManagerEvent)
-            ],
-        )
-    if isinstance(first, OrderData):
-        return (
-            Order,
-            "external_id",
-            [
-                {
-                    "external_id": e.external_id,
-                    "account_id": account_ids[e.account_external_id],
-                    "ordered_at": e.ordered_at,
-                    "amount": e.amount,
-                    "cost": e.cost,
-                    "currency": e.currency,
-                    "status": e.status.value,
-                    "lines": [line.model_dump(mode="json") for line in e.lines],
-                    "source_version": e.source_version,
-                }
-                for e in _events(winners, OrderData)
-            ],
-        )
-    if isinstance(first, ContactData):
-        return (
-            Contact,
-            "external_id",
-            [
-                {
-                    "external_id": e.external_id,
-                    "account_id": account_ids[e.account_external_id],
-                    "name": e.name,
-                    "role": e.role.value if e.role else None,
-                    "email": e.email,
-                    "phone": e.phone,
-                    "address": e.address,
-                    "gender": e.gender,
-                    "birth_year": e.birth_year,
-                    "source_version": e.source_version,
-                }
-                for e in _events(winners, ContactData)
-            ],
-        )
-    if isinstance(first, InteractionData):
-        return (
-            Interaction,
-            "external_id",
-            [
-                {
-                    "external_id": e.external_id,
-                    "account_id": account_ids[e.account_external_id],
-                    "contact_id": contact_ids[e.contact_external_id]
-                    if e.contact_external_id
-                    else None,
-                    "channel": e.channel.value,
-                    "direction": e.direction.value,
-                    "kind": e.kind.value,
-                    "occurred_at": e.occurred_at,
-                    "satisfaction": e.satisfaction,
-                    "summary": e.summary,
-                    "source_version": e.source_version,
-                }
-                for e in _events(winners, InteractionData)
-            ],
-        )
-    return (
-        Payment,
-        "invoice_external_id",
-        [
-            {
-                "invoice_external_id": e.invoice_external_id,
-                "account_id": account_ids[e.account_external_id],
-                "amount": e.amount,
-                "currency": e.currency,
-                "due_at": e.due_at,
-                "paid_at": e.paid_at,
-                "source_version": e.source_version,
-            }
-            for e in _events(winners, PaymentData)
-        ],
-    )
-
-
-def _events(winners: list[_Fresh], kind: type[E]) -> list[E]:
-    return [f.event for f in winners if isinstance(f.event, kind)]
-
-
-def _chunks(rows: list[dict[str, Any]]) -> Iterable[list[dict[str, Any]]]:
-    if not rows:
-        return
-    size = max(1, _MAX_PARAMS // max(1, len(rows[0])))
-    for start in range(0, len(rows), size):
-        yield rows[start : start + size]
