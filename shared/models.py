@@ -87,7 +87,7 @@ class Manager(Base):
 
 
 class Account(Base):
-    """A customer account, its master data, its current tier and risk, and its dirty mark."""
+    """A customer account, its master data, and its current tier and risk."""
 
     __tablename__ = "accounts"
 
@@ -122,19 +122,30 @@ class Account(Base):
     tier_change_seq: Mapped[int] = mapped_column(Integer, server_default=text("0"))
 
     source_version: Mapped[int | None] = mapped_column(BigInteger)
-    # The scorer's to-do mark. ``dirty_seq`` grows with every change, so a rescore clears the mark
-    # only if nothing arrived while it ran.
-    dirty: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
-    dirty_seq: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
-    dirty_since: Mapped[datetime | None]
     created_at: Mapped[datetime] = _created()
     updated_at: Mapped[datetime] = _updated()
 
     __table_args__ = (
         CheckConstraint("strategic_fit BETWEEN 1 AND 5", name="strategic_fit_range"),
         CheckConstraint("status IN ('active', 'lost')", name="status_valid"),
-        Index("ix_accounts_dirty_since", "dirty_since", postgresql_where=text("dirty")),
     )
+
+
+class DirtyAccount(Base):
+    """The scorer's to-do list: an account is dirty while it has a row here.
+
+    Written in the transaction that accepts an event for the account. ``seq`` grows with every
+    such event, so a rescore removes the row only if nothing arrived while it ran. A narrow table
+    of its own keeps this hot-path write off the wide, many-indexed ``accounts`` rows.
+    """
+
+    __tablename__ = "dirty_accounts"
+
+    account_id: Mapped[int] = mapped_column(
+        ForeignKey("accounts.id", ondelete="CASCADE"), primary_key=True
+    )
+    seq: Mapped[int] = mapped_column(BigInteger, server_default=text("1"))
+    since: Mapped[datetime] = mapped_column(server_default=func.now(), index=True)
 
 
 class Contact(Base):

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import httpx
 from arq.connections import ArqRedis
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from services.scorer import jobs
 from services.scorer.enqueue import rescore_job_id
 from shared.db import create_sessionmaker
-from shared.models import Account
+from shared.models import Account, DirtyAccount
 from shared.settings import Settings
 from tests import factories
 from tests.conftest import RunWorker
@@ -36,11 +36,7 @@ async def test_accepted_event_is_enqueued_once_and_consumed(
     worker = await run_worker()
     assert worker.jobs_complete >= 1
     assert worker.jobs_failed == 0
-    account = await session.scalar(select(Account).where(Account.id == account_id))
-    assert account is not None
-    await session.refresh(account)
-    assert account.dirty is False
-    assert account.dirty_since is None
+    assert await session.get(DirtyAccount, account_id) is None
     assert await redis.zcard(settings.queue_name) == 0
 
 
@@ -53,7 +49,9 @@ async def test_rescore_keeps_the_mark_when_an_event_arrived_meanwhile(
     await client.post("/v1/orders", json=factories.order("A-1"), headers=admin_headers)
     account_id = await session.scalar(select(Account.id))
     assert account_id is not None
-    seen = await session.scalar(select(Account.dirty_seq).where(Account.id == account_id))
+    seen = await session.scalar(
+        select(DirtyAccount.seq).where(DirtyAccount.account_id == account_id)
+    )
     await session.commit()
     assert seen == 1
 
@@ -63,13 +61,13 @@ async def test_rescore_keeps_the_mark_when_an_event_arrived_meanwhile(
     async with session.begin():
         cleared = await jobs.clear_dirty_mark(session, account_id=account_id, seen_seq=seen)
     assert cleared is False
-    assert await session.scalar(select(Account.dirty).where(Account.id == account_id)) is True
+    assert await session.scalar(select(DirtyAccount.seq)) == 2
     await session.commit()
 
     # the next rescore reads the newer mark and clears it
     sessionmaker = create_sessionmaker(engine)
     assert await jobs.rescore_account({"sessionmaker": sessionmaker}, account_id) is True
-    assert await session.scalar(select(Account.dirty).where(Account.id == account_id)) is False
+    assert await session.scalar(select(func.count()).select_from(DirtyAccount)) == 0
 
 
 async def test_sweeper_reenqueues_dirty_accounts_after_redis_is_wiped(
@@ -85,11 +83,10 @@ async def test_sweeper_reenqueues_dirty_accounts_after_redis_is_wiped(
     await redis.flushdb()  # every queued job is gone
     # the marks are older than the sweeper's grace period
     await session.execute(
-        update(Account).values(dirty_since=Account.dirty_since - jobs.SWEEP_GRACE * 2)
+        update(DirtyAccount).values(since=DirtyAccount.since - jobs.SWEEP_GRACE * 2)
     )
     await session.commit()
 
     worker = await run_worker()  # the sweep runs at startup, then the rescores it enqueued
     assert worker.jobs_failed == 0
-    still_dirty = list(await session.scalars(select(Account.external_id).where(Account.dirty)))
-    assert still_dirty == []
+    assert await session.scalar(select(func.count()).select_from(DirtyAccount)) == 0

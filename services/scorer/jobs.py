@@ -11,12 +11,12 @@ from typing import Any
 
 import structlog
 from arq import Retry
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.scorer.enqueue import enqueue_rescores
-from shared.models import Account
+from shared.models import DirtyAccount
 from shared.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -46,9 +46,11 @@ async def rescore_account(ctx: dict[str, Any], account_id: int) -> bool:
     retry is covered by the sweeper).
     """
     async with job_session(ctx) as session:
-        seen_seq = await session.scalar(select(Account.dirty_seq).where(Account.id == account_id))
+        seen_seq = await session.scalar(
+            select(DirtyAccount.seq).where(DirtyAccount.account_id == account_id)
+        )
         if seen_seq is None:
-            return False  # the account is gone; nothing to do
+            return True  # not dirty (a repeated job), or the account is gone: nothing to do
         # Scoring itself hooks in here (features -> score -> tier -> risk -> snapshot).
         cleared = await clear_dirty_mark(session, account_id=account_id, seen_seq=seen_seq)
     log.info("account_rescored", account_id=account_id, cleared=cleared)
@@ -63,9 +65,9 @@ async def rescore_account(ctx: dict[str, Any], account_id: int) -> bool:
 async def clear_dirty_mark(session: AsyncSession, *, account_id: int, seen_seq: int) -> bool:
     """Clear the mark only if no event arrived since ``seen_seq`` was read."""
     result = await session.execute(
-        update(Account)
-        .where(Account.id == account_id, Account.dirty_seq == seen_seq, Account.dirty)
-        .values(dirty=False, dirty_since=None)
+        delete(DirtyAccount).where(
+            DirtyAccount.account_id == account_id, DirtyAccount.seq == seen_seq
+        )
     )
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
@@ -75,9 +77,9 @@ async def sweep_dirty_accounts(ctx: dict[str, Any]) -> int:
     async with job_session(ctx) as session:
         ids = list(
             await session.scalars(
-                select(Account.id)
-                .where(Account.dirty, Account.dirty_since < func.now() - SWEEP_GRACE)
-                .order_by(Account.dirty_since)
+                select(DirtyAccount.account_id)
+                .where(DirtyAccount.since < func.now() - SWEEP_GRACE)
+                .order_by(DirtyAccount.since)
                 .limit(SWEEP_BATCH)
             )
         )

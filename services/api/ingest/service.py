@@ -139,19 +139,17 @@ async def ingest_events(
     return statuses
 
 
+# ``xmax = 0`` tells a freshly inserted row from one the ON CONFLICT branch updated.
 _MARK_DIRTY = """
-WITH target AS (
+INSERT INTO dirty_accounts (account_id)
+SELECT id FROM (
     SELECT unnest($1::bigint[]) AS id
     UNION
     SELECT parent_id FROM accounts WHERE id = ANY($1::bigint[]) AND parent_id IS NOT NULL
-), previous AS (
-    SELECT a.id, a.dirty FROM accounts a JOIN target USING (id) ORDER BY a.id FOR NO KEY UPDATE OF a
-)
-UPDATE accounts a
-SET dirty = true, dirty_seq = a.dirty_seq + 1, dirty_since = coalesce(a.dirty_since, now())
-FROM previous
-WHERE a.id = previous.id
-RETURNING a.id, previous.dirty
+) AS target
+ORDER BY id
+ON CONFLICT (account_id) DO UPDATE SET seq = dirty_accounts.seq + 1
+RETURNING account_id, xmax = 0 AS inserted
 """
 
 
@@ -162,7 +160,7 @@ async def mark_dirty(session: AsyncSession, account_ids: Iterable[int]) -> None:
     running that will retry when it sees the newer mark, or (if a job was lost) the sweeper.
     """
     rows = await _rows(session, _MARK_DIRTY, sorted(set(account_ids)))
-    newly_dirty = {account_id for account_id, was_dirty in rows if not was_dirty}
+    newly_dirty = {account_id for account_id, inserted in rows if inserted}
     if newly_dirty:
         rescore: set[int] = session.info.setdefault(RESCORE_AFTER_COMMIT, set())
         rescore.update(newly_dirty)

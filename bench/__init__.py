@@ -1,0 +1,1 @@
+"""Benchmarks: each figure printed beside the ceiling it is measured against (`make bench`)."""
