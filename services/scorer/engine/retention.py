@@ -151,6 +151,48 @@ def _log_likelihood(
     return np.asarray(common + np.logaddexp(alive, dropped), dtype=np.float64)
 
 
+def _log_likelihood_gradient(
+    r: float, alpha: float, a: float, b: float, x: FloatArray, t_x: FloatArray, T: FloatArray
+) -> tuple[FloatArray, FloatArray]:
+    """Per-account log-likelihood and its gradient in (r, alpha, a, b), one row per account.
+
+    With ll = common + log(e^alive + [x>0] e^dropped) and s = the posterior weight of the
+    "dropped" branch, every derivative is the alive branch's times (1 - s) plus the dropped
+    branch's times s; the Beta-function terms differentiate to digammas. An exact gradient lets
+    L-BFGS-B take one likelihood pass per step instead of five, which matters at 100k accounts.
+    """
+    ll = _log_likelihood(r, alpha, a, b, x, t_x, T)
+    repeat = x > 0
+    x_safe = np.where(repeat, x, 1.0)
+    log_beta_ab = special.betaln(a, b)
+    alive = special.betaln(a, b + x) - log_beta_ab - (r + x) * np.log(alpha + T)
+    dropped = special.betaln(a + 1.0, b + x_safe - 1.0) - log_beta_ab
+    dropped = dropped - (r + x) * np.log(alpha + t_x)
+    share_dropped = np.where(repeat, special.expit(dropped - alive), 0.0)
+    share_alive = 1.0 - share_dropped
+
+    psi = special.digamma
+    d_r = (
+        psi(r + x)
+        - psi(r)
+        + math.log(alpha)
+        - share_alive * np.log(alpha + T)
+        - share_dropped * np.log(alpha + t_x)
+    )
+    d_alpha = r / alpha - (r + x) * (share_alive / (alpha + T) + share_dropped / (alpha + t_x))
+    d_beta_ab_a = psi(a) - psi(a + b)  # d/da of betaln(a, b)
+    d_beta_ab_b = psi(b) - psi(a + b)
+    abx = psi(a + b + x)
+    d_a = share_alive * (psi(a) - abx - d_beta_ab_a) + share_dropped * (
+        psi(a + 1.0) - abx - d_beta_ab_a
+    )
+    d_b = share_alive * (psi(b + x) - abx - d_beta_ab_b) + share_dropped * (
+        psi(b + x_safe - 1.0) - abx - d_beta_ab_b
+    )
+    gradient = np.column_stack([d_r, d_alpha, d_a, d_b])
+    return ll, np.asarray(gradient, dtype=np.float64)
+
+
 def fit_bgnbd(
     frequency: ArrayLike,
     recency: ArrayLike,
@@ -165,10 +207,14 @@ def fit_bgnbd(
     ``(x, t_x, T)`` with its count, which is much cheaper for a large portfolio.
 
     The optimiser works on log-parameters (so positivity is free) with times rescaled by the
-    median age (so ``alpha`` is O(1) whatever the unit), starting from moment-based guesses and a
-    second, more dispersed start; the better optimum wins. Raises ``InsufficientDataError`` with
-    fewer than ``MIN_CUSTOMERS`` accounts or no repeat order at all (then nothing identifies the
-    purchase rate against drop-out).
+    median age (so ``alpha`` is O(1) whatever the unit) with an exact gradient, from a
+    moment-based start; if that does not end in a clean interior optimum, a second, more
+    dispersed start is tried and the better optimum wins. ``converged`` is False when the optimum
+    sits on the edge of the parameter box (e.g. drop-out not identified in a small or uniform
+    population): the caller should then keep the previous fit rather than publish this one.
+
+    Raises ``InsufficientDataError`` with fewer than ``MIN_CUSTOMERS`` accounts or no repeat
+    order at all (then nothing identifies the purchase rate against drop-out).
     """
     x, t_x, T = _rfm_columns(frequency, recency, age, allow_nan=False)
     n = len(x)
@@ -191,15 +237,25 @@ def fit_bgnbd(
     ts, Ts = t_x / scale, T / scale
     total_weight = float(w.sum())
 
-    def negative_mean_ll(theta: FloatArray) -> float:
-        r, alpha, a, b = np.exp(theta)
+    def objective(theta: FloatArray) -> tuple[float, FloatArray]:
+        params = np.exp(theta)
+        r, alpha, a, b = (float(v) for v in params)
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            ll = _log_likelihood(float(r), float(alpha), float(a), float(b), x, ts, Ts)
+            ll, gradient = _log_likelihood_gradient(r, alpha, a, b, x, ts, Ts)
         value = -float(np.dot(w, ll)) / total_weight
-        # A non-finite value would derail L-BFGS-B's line search; a large finite one steers back.
-        return value if math.isfinite(value) else 1e12
+        # Chain rule to log-parameters: d/dtheta = d/dparam * param.
+        d_theta = -(w @ gradient) / total_weight * params
+        if not (math.isfinite(value) and np.isfinite(d_theta).all()):
+            # A non-finite value would derail the line search; a large finite one steers back.
+            return 1e12, np.zeros(4)
+        return value, np.asarray(d_theta, dtype=np.float64)
 
-    rate = float(np.dot(w, x) / max(float(np.dot(w, Ts)), 1e-9))  # repeat orders per scaled day
+    def negative_mean_ll(theta: FloatArray) -> float:
+        return objective(theta)[0]
+
+    rate = float(
+        np.dot(w, x) / max(float(np.dot(w, Ts)), 1e-9)
+    )  # repeat orders per unit of scaled time
     rate = max(rate, 1e-3)
     starts = [
         np.log([1.0, 1.0 / rate, 1.0, 3.0]),
@@ -209,7 +265,12 @@ def fit_bgnbd(
     best: Any = None
     for theta0 in starts:
         result = optimize.minimize(
-            negative_mean_ll, theta0, method="L-BFGS-B", bounds=bounds, options={"maxiter": 2000}
+            objective,
+            theta0,
+            jac=True,
+            method="L-BFGS-B",
+            bounds=bounds,
+            options={"maxiter": 2000},
         )
         if not result.success:
             # L-BFGS-B sometimes stops on an imprecise line search in flat valleys; a
@@ -218,12 +279,15 @@ def fit_bgnbd(
                 negative_mean_ll,
                 result.x,
                 method="Nelder-Mead",
+                bounds=bounds,
                 options={"maxiter": 4000, "xatol": 1e-7, "fatol": 1e-10},
             )
             if polished.fun <= result.fun:
                 result = polished
         if best is None or result.fun < best.fun:
             best = result
+        if best.success and (np.abs(best.x) < _LOG_BOUND - 0.1).all():
+            break  # a clean interior optimum: the fallback start is not needed
 
     theta = np.asarray(best.x, dtype=np.float64)
     r, alpha_scaled, a, b = (float(v) for v in np.exp(theta))
@@ -314,8 +378,10 @@ def expected_purchases(params: BgNbdParams, t: ArrayLike) -> FloatArray:
     r, alpha, a, b = params.r, params.alpha, params.a, params.b
     if a > 1.0:
         z = ts / (alpha + ts)
-        value = (a + b - 1.0) / (a - 1.0) * (
-            1.0 - (alpha / (alpha + ts)) ** r * special.hyp2f1(r, b, a + b - 1.0, z)
+        value = (
+            (a + b - 1.0)
+            / (a - 1.0)
+            * (1.0 - (alpha / (alpha + ts)) ** r * special.hyp2f1(r, b, a + b - 1.0, z))
         )
         return np.asarray(value, dtype=np.float64)
     return _expected_purchases_by_integration(params, ts)
@@ -541,9 +607,9 @@ def _fit_logistic(
 
     def loss(beta: FloatArray) -> tuple[float, FloatArray]:
         z = offset + features @ beta
-        value = float(np.mean(np.logaddexp(0.0, z) - targets * z)) + 0.5 * l2 * float(
-            beta @ beta
-        ) / n
+        value = (
+            float(np.mean(np.logaddexp(0.0, z) - targets * z)) + 0.5 * l2 * float(beta @ beta) / n
+        )
         gradient = features.T @ (special.expit(z) - targets) / n + l2 * beta / n
         return value, np.asarray(gradient, dtype=np.float64)
 
@@ -631,7 +697,9 @@ class CalibrationBin:
         }
 
 
-def calibration_table(p_pred: ArrayLike, outcome: ArrayLike, bins: int = 10) -> list[CalibrationBin]:
+def calibration_table(
+    p_pred: ArrayLike, outcome: ArrayLike, bins: int = 10
+) -> list[CalibrationBin]:
     """Equal-count bins (deciles by default) by predicted probability, each with its mean
     prediction and the observed rate of the outcome. Calibrated means the two agree per bin.
 
@@ -752,7 +820,9 @@ def assess_risk(
     is not reported as a reason. Accounts without any order give nan risk and no band.
     """
     base = p_no_purchase_within(params, x, t_x, T, float(policy.horizon_days))
-    weights = dict(signal_weights) if signal_weights is not None else policy.signal_weights.model_dump()
+    weights = (
+        dict(signal_weights) if signal_weights is not None else policy.signal_weights.model_dump()
+    )
     signals = behaviour_signals(facts, policy)
     if len(facts) != len(base):
         raise ValueError("facts and purchase history differ in length")
@@ -768,4 +838,3 @@ def assess_risk(
         contributions=scaled,
         signals=signals,
     )
-
