@@ -242,6 +242,9 @@ def install_error_handlers(app: FastAPI, *, retry_after_s: int) -> None:
     for db_error in (OperationalError, InterfaceError, PoolTimeoutError, ConnectionError, OSError):
         app.add_exception_handler(db_error, on_database_down)
     app.add_exception_handler(DBAPIError, _dbapi_handler(on_database_down, on_unexpected))
+    driver_errors = _dbapi_handler(on_database_down, on_unexpected, wrapped=False)
+    for driver_error in (asyncpg.exceptions.PostgresError, asyncpg.exceptions.InterfaceError):
+        app.add_exception_handler(driver_error, driver_errors)
     app.add_exception_handler(RedisError, on_redis_down)
     app.add_exception_handler(Exception, on_unexpected)
 
@@ -255,12 +258,19 @@ def _allowed_methods(request: Request) -> list[str]:
     return sorted(methods)
 
 
-def _dbapi_handler(on_down: Any, on_other: Any) -> Any:
+def _dbapi_handler(on_down: Any, on_other: Any, *, wrapped: bool = True) -> Any:
+    """Classifies a database error, wrapped by SQLAlchemy (``DBAPIError``) or straight from
+    asyncpg (the ingestion path's statements after the first)."""
+
     async def handle(request: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, DBAPIError)
-        if exc.connection_invalidated or _is_connection_problem(exc.orig):
+        if wrapped:
+            assert isinstance(exc, DBAPIError)
+            invalidated, orig = exc.connection_invalidated, exc.orig
+        else:
+            invalidated, orig = False, exc
+        if invalidated or _is_connection_problem(orig):
             return await on_down(request, exc)  # type: ignore[no-any-return]
-        if _is_contention(exc.orig):
+        if _is_contention(orig):
             # The transaction was rolled back whole; the same request will succeed on a retry
             # (and is idempotent by event_id), so say so rather than answer 500.
             log.warning("transaction_conflict", path=request.url.path)
