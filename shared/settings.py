@@ -41,7 +41,6 @@ class Settings(BaseSettings):
     # Ingestion limits.
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
     max_batch_events: int = Field(default=1000, ge=1)
-    page_size_max: int = Field(default=500, ge=1)
 
     # Scorer.
     queue_name: str = "kam:queue"

@@ -98,11 +98,6 @@ class Unprocessable(ProblemError):
     title = "Request validation failed"
 
 
-class ServiceUnavailable(ProblemError):
-    status_code = status.HTTP_503_SERVICE_UNAVAILABLE
-    title = "A backing service is unavailable"
-
-
 _STATUS_TITLES = {
     400: "Bad request",
     401: "Missing or invalid API key",
@@ -150,7 +145,8 @@ def field_errors(errors: Any) -> list[FieldError]:
     ]
 
 
-def _summary(errors: list[FieldError]) -> str:
+def summarize(errors: list[FieldError]) -> str:
+    """The first few field errors in one line, for a problem's ``detail``."""
     shown = "; ".join(f"{e.field}: {e.message}" for e in errors[:5])
     more = len(errors) - 5
     return shown + (f"; and {more} more" if more > 0 else "")
@@ -173,15 +169,12 @@ def install_error_handlers(app: FastAPI, *, retry_after_s: int) -> None:
 
     async def on_problem(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ProblemError)
-        headers = dict(exc.headers or {})
-        if isinstance(exc, ServiceUnavailable):
-            headers.setdefault("Retry-After", str(retry_after_s))
         return problem_response(
             exc.status_code,
             exc.title,
             detail=exc.detail,
             errors=exc.errors,
-            headers=headers or None,
+            headers=exc.headers,
             instance=request.url.path,
             problem_type=exc.problem_type,
         )
@@ -192,7 +185,7 @@ def install_error_handlers(app: FastAPI, *, retry_after_s: int) -> None:
         return problem_response(
             422,
             "Request validation failed",
-            detail=_summary(errors),
+            detail=summarize(errors),
             errors=errors,
             instance=request.url.path,
         )

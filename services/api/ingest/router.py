@@ -14,6 +14,7 @@ from services.api.errors import (
     Unprocessable,
     field_errors,
     problems,
+    summarize,
 )
 from services.api.ingest.schemas import (
     BatchResult,
@@ -59,9 +60,7 @@ def _with_path_id(
         return model.model_validate({**fields, "type": kind, "external_id": external_id})
     except ValidationError as exc:
         errors = field_errors([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()])
-        raise Unprocessable(
-            "; ".join(f"{e.field}: {e.message}" for e in errors), errors=errors
-        ) from None
+        raise Unprocessable(summarize(errors), errors=errors) from None
 
 
 @router.put(
