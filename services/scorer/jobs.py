@@ -55,8 +55,8 @@ async def rescore_account(ctx: dict[str, Any], account_id: int) -> bool:
         cleared = await clear_dirty_mark(session, account_id=account_id, seen_seq=seen_seq)
     log.info("account_rescored", account_id=account_id, cleared=cleared)
     if not cleared:
-        # Events arrived while this ran; their enqueue found this job still in flight and was
-        # coalesced into it, so run again (same job id) rather than wait for the sweeper.
+        # Events arrived while this ran. They found the account already dirty and asked for no
+        # job of their own, so run again (same job id) rather than wait for the sweeper.
         settings: Settings = ctx["settings"]
         raise Retry(defer=max(settings.rescore_debounce_s, 0.1))
     return cleared
