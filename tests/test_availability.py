@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
+import asyncpg
 import httpx
 import pytest
 from fastapi import FastAPI
@@ -146,3 +147,30 @@ async def test_redis_down_still_accepts_and_leaves_the_account_for_the_sweeper(
 
     redis_proxy.restore()
     assert (await proxied.get("/readyz")).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("error", "retry_after"),
+    [
+        (asyncpg.exceptions.DeadlockDetectedError("deadlock detected"), "1"),
+        (asyncpg.exceptions.SerializationError("could not serialize access"), "1"),
+        (asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed"), "5"),
+    ],
+)
+async def test_driver_errors_are_503_not_500(
+    settings: Settings, error: Exception, retry_after: str
+) -> None:
+    """Statements after the first in an ingestion transaction go straight to asyncpg, so its
+    own exceptions must be answered like SQLAlchemy's wrapped ones."""
+    app = create_app(settings)
+
+    @app.get("/boom")
+    async def boom() -> None:
+        raise error
+
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        response = await client.get("/boom")
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == retry_after
+    assert response.headers["content-type"] == "application/problem+json"
