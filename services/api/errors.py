@@ -261,9 +261,9 @@ def _dbapi_handler(on_down: Any, on_other: Any, *, wrapped: bool = True) -> Any:
             invalidated, orig = exc.connection_invalidated, exc.orig
         else:
             invalidated, orig = False, exc
-        if invalidated or _is_connection_problem(orig):
+        if invalidated or _caused_by(orig, _CONNECTION_ERRORS):
             return await on_down(request, exc)  # type: ignore[no-any-return]
-        if _is_contention(orig):
+        if _caused_by(orig, _CONTENTION_ERRORS):
             # The transaction was rolled back whole; the same request will succeed on a retry
             # (and is idempotent by event_id), so say so rather than answer 500.
             log.warning("transaction_conflict", path=request.url.path)
@@ -291,21 +291,17 @@ _CONNECTION_ERRORS = (
 )
 
 
-def _is_contention(orig: BaseException | None) -> bool:
-    cause = orig
-    while cause is not None:
-        if isinstance(
-            cause, asyncpg.exceptions.DeadlockDetectedError | asyncpg.exceptions.SerializationError
-        ):
-            return True
-        cause = cause.__cause__
-    return False
+_CONTENTION_ERRORS = (
+    asyncpg.exceptions.DeadlockDetectedError,
+    asyncpg.exceptions.SerializationError,
+)
 
 
-def _is_connection_problem(orig: BaseException | None) -> bool:
+def _caused_by(orig: BaseException | None, kinds: tuple[type[BaseException], ...]) -> bool:
+    """Whether ``orig`` or anything in its ``__cause__`` chain is one of ``kinds``."""
     cause = orig
     while cause is not None:
-        if isinstance(cause, _CONNECTION_ERRORS):
+        if isinstance(cause, kinds):
             return True
         cause = cause.__cause__
     return False

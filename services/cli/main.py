@@ -16,12 +16,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.api.keys.service import create_api_key, list_api_keys, parse_scopes, revoke_api_key
 from shared.db import create_engine, create_sessionmaker
@@ -79,31 +80,32 @@ def _database(settings: Settings) -> Iterator[Settings]:
         yield settings.model_copy(update={"database_url": database_url})
 
 
+@asynccontextmanager
+async def _session(settings: Settings) -> AsyncIterator[AsyncSession]:
+    """One transaction on a short-lived engine, committed on leaving: a command's unit of work."""
+    engine = create_engine(settings)
+    try:
+        async with create_sessionmaker(engine)() as session, session.begin():
+            yield session
+    finally:
+        await engine.dispose()
+
+
 async def _create_key(settings: Settings, name: str, scopes: str) -> str:
     try:
         parsed = parse_scopes(scopes)
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
-    engine = create_engine(settings)
-    try:
-        async with create_sessionmaker(engine)() as session, session.begin():
-            key, plaintext = await create_api_key(session, name=name, scopes=parsed)
-            print(
-                f"created key {key.prefix} ({name}) with scopes {','.join(s.value for s in parsed)}"
-            )
-            print("store it now, it is not shown again:")
-        return plaintext
-    finally:
-        await engine.dispose()
+    async with _session(settings) as session:
+        key, plaintext = await create_api_key(session, name=name, scopes=parsed)
+    print(f"created key {key.prefix} ({name}) with scopes {','.join(s.value for s in parsed)}")
+    print("store it now, it is not shown again:")
+    return plaintext
 
 
 async def _list_keys(settings: Settings) -> None:
-    engine = create_engine(settings)
-    try:
-        async with create_sessionmaker(engine)() as session:
-            keys = await list_api_keys(session)
-    finally:
-        await engine.dispose()
+    async with _session(settings) as session:
+        keys = await list_api_keys(session)
     print(f"{'prefix':10} {'name':24} {'scopes':40} {'last used':26} revoked")
     for k in keys:
         print(
@@ -114,24 +116,16 @@ async def _list_keys(settings: Settings) -> None:
 
 
 async def _revoke_key(settings: Settings, key: str) -> None:
-    engine = create_engine(settings)
-    try:
-        async with create_sessionmaker(engine)() as session, session.begin():
-            row = await revoke_api_key(session, key=key)
-    finally:
-        await engine.dispose()
+    async with _session(settings) as session:
+        row = await revoke_api_key(session, key=key)
     if row is None:
         raise SystemExit(f"no key {key!r}")
     print(f"revoked {row.prefix} ({row.name})")
 
 
 async def _has_keys(settings: Settings) -> bool:
-    engine = create_engine(settings)
-    try:
-        async with create_sessionmaker(engine)() as session:
-            return bool(await list_api_keys(session))
-    finally:
-        await engine.dispose()
+    async with _session(settings) as session:
+        return bool(await list_api_keys(session))
 
 
 def run_api(host: str, port: int, workers: int) -> None:
