@@ -31,6 +31,8 @@ from shared.enums import (
     Direction,
     InteractionKind,
     OrderStatus,
+    RiskBand,
+    Tier,
 )
 from shared.models import EXTERNAL_ID_LENGTH
 
@@ -422,3 +424,43 @@ Event = Annotated[
     AccountEvent | ManagerEvent | OrderEvent | ContactEvent | InteractionEvent | PaymentEvent,
     Field(discriminator="type"),
 ]
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring results (read side)
+# --------------------------------------------------------------------------------------------
+
+
+class TierMove(BaseModel):
+    """How many accounts would go from one tier to another (``from_tier`` None: never scored)."""
+
+    from_tier: Tier | None
+    to_tier: Tier
+    accounts: int
+
+
+class BandMove(BaseModel):
+    """How many accounts would go from one risk band to another (None: no band, e.g. no order
+    yet or lost)."""
+
+    from_band: RiskBand | None
+    to_band: RiskBand | None
+    accounts: int
+
+
+class PolicyPreview(BaseModel):
+    """What a draft policy would do to the portfolio as it stands, without writing anything.
+
+    The current side is each account's published tier and band; the draft side is what the
+    draft would publish now (hysteresis and overrides applied as the scorer would). Only moves
+    between different tiers or bands are listed; ``unchanged_*`` counts the rest.
+    """
+
+    accounts: int
+    evaluated_at: datetime
+    tier_moves: list[TierMove]
+    band_moves: list[BandMove]
+    unchanged_tier: int
+    unchanged_band: int
+    tiers_now: dict[Tier, int]
+    tiers_draft: dict[Tier, int]

@@ -73,3 +73,18 @@ async def enqueue_rescores(redis: ArqRedis, account_ids: Iterable[int], *, defer
     if failed:
         log.warning("rescores_left_to_sweeper", failed=failed, total=len(ids))
     return failed
+
+
+PORTFOLIO_JOB = "portfolio_pass"
+PORTFOLIO_JOB_ID = "portfolio"
+
+
+async def enqueue_portfolio_pass(redis: ArqRedis) -> bool:
+    """Ask for a portfolio pass now (one at a time: the fixed job id coalesces requests).
+    Returns False when Redis is unreachable; the hourly cron still runs the pass."""
+    try:
+        await redis.enqueue_job(PORTFOLIO_JOB, _job_id=PORTFOLIO_JOB_ID)
+    except (RedisError, OSError) as exc:
+        log.warning("enqueue_failed", job=PORTFOLIO_JOB, error=type(exc).__name__)
+        return False
+    return True
