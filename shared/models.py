@@ -120,6 +120,10 @@ class Account(Base):
     tier_override_reason: Mapped[str | None] = mapped_column(Text)
     tier_override_expires_at: Mapped[datetime | None]
     tier_change_seq: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    # Hysteresis state of the tier the data gives (before any override): the tier held and how
+    # many consecutive evaluations have pointed below it.
+    computed_tier: Mapped[str | None] = mapped_column(String(16))
+    tier_demotion_count: Mapped[int] = mapped_column(SmallInteger, server_default=text("0"))
 
     source_version: Mapped[int | None] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = _created()

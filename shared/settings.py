@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     sweep_interval_s: int = Field(default=30, ge=1)
     worker_max_jobs: int = Field(default=10, ge=1)
     job_timeout_s: int = Field(default=300, ge=1)
+    # The portfolio pass runs at these minutes past every hour ("0" = hourly, "0,30" = twice).
+    portfolio_pass_minutes: set[int] = Field(default={0})
+    portfolio_pass_timeout_s: int = Field(default=3600, ge=60)
 
     # Development only: where `kam dev` keeps the embedded Postgres and Redis.
     data_dir: str = ".kam"

@@ -12,11 +12,13 @@ from typing import Any
 import structlog
 from arq import Retry
 from sqlalchemy import delete, func, select
+from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.scorer.enqueue import enqueue_rescores
-from shared.models import DirtyAccount
+from services.scorer.scoring import rescore_accounts, run_portfolio_pass
+from shared.models import Account, DirtyAccount
 from shared.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -51,7 +53,7 @@ async def rescore_account(ctx: dict[str, Any], account_id: int) -> bool:
         )
         if seen_seq is None:
             return True  # not dirty (a repeated job), or the account is gone: nothing to do
-        # Scoring itself hooks in here (features -> score -> tier -> risk -> snapshot).
+        await rescore_accounts(session, account_ids=[account_id])
         cleared = await clear_dirty_mark(session, account_id=account_id, seen_seq=seen_seq)
     log.info("account_rescored", account_id=account_id, cleared=cleared)
     if not cleared:
@@ -72,9 +74,33 @@ async def clear_dirty_mark(session: AsyncSession, *, account_id: int, seen_seq: 
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
+async def portfolio_pass(ctx: dict[str, Any]) -> int | None:
+    """Refit the population facts and rescore every account (hourly, and on demand)."""
+    try:
+        return await run_portfolio_pass(ctx["sessionmaker"])
+    except (OperationalError, DBAPIError, OSError) as exc:
+        tries: int = ctx.get("job_try", 1)
+        log.warning("job_database_error", error=type(exc).__name__, job_try=tries)
+        raise Retry(defer=min(300, 5 * 2**tries)) from exc
+
+
 async def sweep_dirty_accounts(ctx: dict[str, Any]) -> int:
-    """Re-enqueue accounts still dirty after the grace period: a lost job loses nothing."""
+    """Re-enqueue accounts still dirty after the grace period: a lost job loses nothing.
+
+    An override that has expired is work too: its account is marked dirty here, so the tier
+    falls back to what the data says within one sweep of the expiry."""
     async with job_session(ctx) as session:
+        await session.execute(
+            insert(DirtyAccount)
+            .from_select(
+                ["account_id", "since"],
+                select(Account.id, func.now() - 2 * SWEEP_GRACE).where(
+                    Account.tier_override.is_not(None),
+                    Account.tier_override_expires_at <= func.now(),
+                ),
+            )
+            .on_conflict_do_nothing()
+        )
         ids = list(
             await session.scalars(
                 select(DirtyAccount.account_id)

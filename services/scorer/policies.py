@@ -10,13 +10,13 @@ from services.scorer.engine.policy import DEFAULT_POLICY, ScoringPolicy
 from shared.models import ScoringPolicy as ScoringPolicyRow
 
 # Every advisory lock of the service takes this first key, so it cannot collide with another's.
-_LOCK_NAMESPACE = 0x4B414D  # "KAM"
+LOCK_NAMESPACE = 0x4B414D  # "KAM"
 _POLICY_LOCK = 1
 
 
 async def _lock_policies(session: AsyncSession) -> None:
     """Serialise policy writers (two first readers must not both create version 1)."""
-    await session.execute(select(func.pg_advisory_xact_lock(_LOCK_NAMESPACE, _POLICY_LOCK)))
+    await session.execute(select(func.pg_advisory_xact_lock(LOCK_NAMESPACE, _POLICY_LOCK)))
 
 
 async def active_policy(session: AsyncSession) -> tuple[int, ScoringPolicy]:

@@ -1,36 +1,786 @@
 """Scoring with the database: load features in SQL, call the engine, store the results.
 
+- ``run_portfolio_pass``: refit the population facts (percentiles, the 80/20 curve, the
+  retention model and, when history allows, its calibration), then rescore every account in
+  chunks, each chunk one transaction.
 - ``rescore_accounts``: a few dirty accounts against the stored population facts.
-- ``run_portfolio_pass``: every account, refitting the population facts first.
-- ``preview_policy``: what a draft policy would change, writing nothing.
+- ``preview_policy``: what a draft policy would change, in a read-only transaction.
+
+Every rescore writes a snapshot per account; a tier change also writes a ``tier_changes`` row
+with the next per-account sequence number, in the same transaction, under a row lock on the
+account so that a rescore and the pass never race for one sequence number.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+import json
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+import numpy as np
+import structlog
+from pydantic import BaseModel, ConfigDict
+from sqlalchemy import func, select, text
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from services.scorer.engine.policy import ScoringPolicy
-from shared.schemas import PolicyPreview
+from services.scorer.engine import (
+    IDENTITY_CALIBRATION,
+    BgNbdParams,
+    InsufficientDataError,
+    PlattCalibration,
+    PopulationPercentiles,
+    ScoringPolicy,
+    apply_hysteresis,
+    apply_override,
+    assess_risk,
+    auc,
+    brier,
+    calibration_table,
+    cumulative_profit_share,
+    decide_tier,
+    explain_risk,
+    explain_tier,
+    explain_value,
+    fit_bgnbd,
+    fit_platt,
+    override_active,
+    population_percentiles,
+    score_breakdown,
+)
+from services.scorer.engine.arrays import FloatArray
+from services.scorer.features import FeatureTable, load_features
+from services.scorer.policies import LOCK_NAMESPACE, active_policy
+from shared.enums import RiskBand, Tier
+from shared.models import PopulationFit
+from shared.schemas import BandMove, PolicyPreview, TierMove
+
+log = structlog.get_logger(__name__)
+
+PASS_CHUNK = 1000
+PORTFOLIO_PASS_LOCK = 2
+# An uninformed but plausible purchase process (an order every ~45 days, ~8% chance of dropping
+# out after each), used until the portfolio has enough history to fit its own.
+PRIOR_BGNBD = BgNbdParams(r=1.0, alpha=45.0, a=0.5, b=6.0, converged=False)
+MIN_CALIBRATION_ACCOUNTS = 200
+CURVE_POINTS = 1001
 
 
-async def preview_policy(
-    session: AsyncSession, *, draft: ScoringPolicy, now: datetime | None = None
-) -> PolicyPreview:
-    """What ``draft`` would publish for every account now, against what is published."""
-    raise NotImplementedError
+# --------------------------------------------------------------------------------------------
+# Population facts
+# --------------------------------------------------------------------------------------------
 
 
-async def run_portfolio_pass(
-    sessionmaker: async_sessionmaker[AsyncSession], *, now: datetime | None = None
+class _Facts(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ProfitCurve(_Facts):
+    """The 80/20 curve sampled: gross profit (descending) and the share of total profit brought
+    by accounts at or above it; a single rescore places an account on it by interpolation."""
+
+    gross_profit: list[float]
+    share: list[float]
+
+    def place(self, gross_profit: FloatArray) -> FloatArray:
+        profit = np.nan_to_num(gross_profit, nan=0.0)
+        if not self.gross_profit:
+            return np.ones_like(profit)
+        # np.interp needs ascending x: walk the curve from the smallest profit up.
+        xs = np.asarray(self.gross_profit[::-1])
+        ys = np.asarray(self.share[::-1])
+        placed = np.interp(profit, xs, ys, left=1.0, right=float(ys[-1]))
+        return np.asarray(np.where(profit <= 0, 1.0, placed), dtype=np.float64)
+
+
+class Calibration(_Facts):
+    """What the replay of history at ``cutoff`` showed, and whether the calibration is used.
+
+    ``used`` only when the calibrated risk beat the uncalibrated one (Brier score) on the
+    held-out half of the accounts; then ``slope``/``intercept`` were refitted on all of them."""
+
+    used: bool
+    slope: float = 1.0
+    intercept: float = 0.0
+    cutoff: datetime | None = None
+    accounts: int = 0
+    observed_no_purchase_rate: float | None = None
+    auc: float | None = None
+    brier_uncalibrated: float | None = None
+    brier_calibrated: float | None = None
+    deciles: list[dict[str, float | int]] = []
+    reason: str | None = None
+
+    def platt(self, horizon_days: int, fitted_for: int) -> PlattCalibration:
+        if not self.used or horizon_days != fitted_for:
+            return IDENTITY_CALIBRATION
+        return PlattCalibration(slope=self.slope, intercept=self.intercept)
+
+
+class PopulationFacts(_Facts):
+    """Everything a single rescore needs to know about the population (the stored JSON)."""
+
+    percentiles: PopulationPercentiles
+    profit_curve: ProfitCurve
+    bgnbd: dict[str, float | int | bool | None]
+    bgnbd_source: str  # "fitted", "previous fit" or "prior"
+    reference_p: float
+    horizon_days: int
+    calibration: Calibration
+
+    def params(self) -> BgNbdParams:
+        return BgNbdParams.from_dict(self.bgnbd)
+
+
+def _profit_curve(gross_profit: FloatArray) -> ProfitCurve:
+    profit = np.sort(np.clip(np.nan_to_num(gross_profit, nan=0.0), 0.0, None))[::-1]
+    profit = profit[profit > 0]
+    if profit.size == 0:
+        return ProfitCurve(gross_profit=[], share=[])
+    share = np.cumsum(profit) / profit.sum()
+    picks = np.unique(np.linspace(0, profit.size - 1, min(CURVE_POINTS, profit.size)).astype(int))
+    return ProfitCurve(
+        gross_profit=[float(v) for v in profit[picks]], share=[float(v) for v in share[picks]]
+    )
+
+
+def _purchase_history(table: FeatureTable) -> tuple[FloatArray, FloatArray, FloatArray]:
+    c = table.columns
+    return c["x"], c["t_x"], c["T"]
+
+
+def _fit_retention(table: FeatureTable, previous: BgNbdParams | None) -> tuple[BgNbdParams, str]:
+    """Fit BG/NBD to the active accounts with orders; keep the previous fit (or the prior) when
+    the data cannot identify the model."""
+    usable = table.has_orders & ~table.lost
+    x, t_x, T = (column[usable] for column in _purchase_history(table))
+    if x.size:
+        rows, counts = np.unique(np.column_stack([x, t_x, np.floor(T)]), axis=0, return_counts=True)
+        try:
+            params = fit_bgnbd(rows[:, 0], rows[:, 1], rows[:, 2], weights=counts)
+        except InsufficientDataError as exc:
+            log.info("retention_fit_skipped", reason=str(exc))
+        else:
+            if params.converged:
+                return params, "fitted"
+            log.info("retention_fit_not_converged", params=params.as_dict())
+    if previous is not None:
+        return previous, "previous fit"
+    return PRIOR_BGNBD, "prior"
+
+
+def _risk(
+    table: FeatureTable,
+    params: BgNbdParams,
+    policy: ScoringPolicy,
+    *,
+    calibration: PlattCalibration,
+    reference_p: float,
+) -> tuple[FloatArray, Any]:
+    x, t_x, T = _purchase_history(table)
+    assessment = assess_risk(
+        params,
+        x,
+        t_x,
+        T,
+        table.behaviour(),
+        policy.risk,
+        calibration=calibration,
+        reference_p=reference_p,
+    )
+    probability = np.where(table.lost, np.nan, assessment.probability)
+    return np.asarray(probability, dtype=np.float64), assessment
+
+
+def _replay_calibration(
+    then: FeatureTable,
+    now: FeatureTable,
+    policy: ScoringPolicy,
+    previous: BgNbdParams | None,
+) -> Calibration:
+    """Score the accounts as they stood one horizon ago, compare with what they did since, and
+    learn a Platt calibration if (and only if) it predicts the held-out half better."""
+    cutoff = then.as_of
+    scored = then.has_orders
+    if int(scored.sum()) < MIN_CALIBRATION_ACCOUNTS:
+        return Calibration(used=False, cutoff=cutoff, reason="too few accounts with history")
+    params, _ = _fit_retention(then, previous)
+    probability, _ = _risk(then, params, policy, calibration=IDENTITY_CALIBRATION, reference_p=0.5)
+    ids = then.account_id[scored]
+    p = probability[scored]
+    position = np.clip(np.searchsorted(now.account_id, ids), 0, max(len(now) - 1, 0))
+    found = now.account_id[position] == ids
+    last_gap = now.columns["days_since_last_order"][position]
+    horizon = float(policy.risk.horizon_days)
+    # No order in (cutoff, now] <=> the last order as of now is at least a horizon old.
+    outcome = np.where(found, ~(last_gap < horizon), True).astype(np.float64)
+    keep = np.isfinite(p)
+    ids, p, outcome = ids[keep], p[keep], outcome[keep]
+    if p.size < MIN_CALIBRATION_ACCOUNTS or outcome.min() == outcome.max():
+        return Calibration(used=False, cutoff=cutoff, reason="outcomes do not vary")
+    fit_half, test_half = ids % 2 == 0, ids % 2 == 1
+    platt = fit_platt(p[fit_half], outcome[fit_half])
+    calibrated = 1.0 / (1.0 + np.exp(-(platt.slope * _logit(p) + platt.intercept)))
+    brier_raw = brier(p[test_half], outcome[test_half])
+    brier_cal = brier(calibrated[test_half], outcome[test_half])
+    used = brier_cal < brier_raw
+    final = fit_platt(p, outcome) if used else IDENTITY_CALIBRATION
+    shown = 1.0 / (1.0 + np.exp(-(final.slope * _logit(p) + final.intercept))) if used else p
+    return Calibration(
+        used=used,
+        slope=final.slope,
+        intercept=final.intercept,
+        cutoff=cutoff,
+        accounts=int(p.size),
+        observed_no_purchase_rate=float(outcome.mean()),
+        auc=auc(p, outcome),
+        brier_uncalibrated=brier_raw,
+        brier_calibrated=brier_cal,
+        deciles=[b.as_dict() for b in calibration_table(shown, outcome)],
+        reason=None if used else "calibration did not improve the held-out Brier score",
+    )
+
+
+def _logit(p: FloatArray) -> FloatArray:
+    clipped = np.clip(p, 1e-9, 1 - 1e-9)
+    return np.asarray(np.log(clipped / (1.0 - clipped)), dtype=np.float64)
+
+
+async def latest_population(session: AsyncSession) -> PopulationFacts | None:
+    facts = await session.scalar(
+        select(PopulationFit.facts).order_by(PopulationFit.id.desc()).limit(1)
+    )
+    return None if facts is None else PopulationFacts.model_validate(facts)
+
+
+async def fit_population(
+    session: AsyncSession,
+    *,
+    table: FeatureTable,
+    policy: ScoringPolicy,
+    previous: PopulationFacts | None,
+) -> PopulationFacts:
+    """The population facts from every account's features as of ``table.as_of`` (plus, when the
+    stored history covers more than two horizons, a replay one horizon back)."""
+    active = ~table.lost
+    share = cumulative_profit_share(np.where(active, table.columns["gross_profit_12m"], 0.0))
+    percentiles = population_percentiles(table.take(active).value_features(share[active]))
+    previous_params = previous.params() if previous and previous.bgnbd_source != "prior" else None
+    params, source = _fit_retention(table, previous_params)
+
+    horizon_days = policy.risk.horizon_days
+    first_order_age = table.columns["T"][table.has_orders]
+    history_days = float(first_order_age.max()) if first_order_age.size else 0.0
+    if history_days > 2 * horizon_days:
+        cutoff = table.as_of - timedelta(days=horizon_days)
+        then = await load_features(session, as_of=cutoff)
+        calibration = _replay_calibration(then, table, policy, previous_params)
+    else:
+        calibration = Calibration(
+            used=False, reason=f"history covers {history_days:.0f} days, under two horizons"
+        )
+    base, _ = _risk(table, params, policy, calibration=IDENTITY_CALIBRATION, reference_p=0.5)
+    base_known = base[np.isfinite(base)]
+    reference_p = float(np.median(base_known)) if base_known.size else 0.5
+    return PopulationFacts(
+        percentiles=percentiles,
+        profit_curve=_profit_curve(np.where(active, table.columns["gross_profit_12m"], 0.0)),
+        bgnbd=params.as_dict(),
+        bgnbd_source=source,
+        reference_p=min(max(reference_p, 1e-6), 1 - 1e-6),
+        horizon_days=horizon_days,
+        calibration=calibration,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation (pure: arrays in, results out)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AccountState:
+    """What is stored about each account's tier, in the order of the feature table."""
+
+    tier: list[str | None]
+    computed_tier: list[str | None]
+    demotion_count: np.ndarray[Any, np.dtype[np.int64]]
+    override_tier: list[str | None]
+    override_reason: list[str | None]
+    override_expires_at: list[datetime | None]
+    risk_band: list[str | None]
+    tier_change_seq: list[int]
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """The outcome for each account of the feature table."""
+
+    score: FloatArray
+    profit_share: FloatArray
+    computed_tier: list[str]
+    demotion_count: np.ndarray[Any, np.dtype[np.int64]]
+    tier: list[str]
+    risk: FloatArray
+    band: list[str | None]
+    override_expired: np.ndarray[Any, np.dtype[np.bool_]]
+    drivers: list[dict[str, Any]] | None
+
+
+def evaluate(
+    table: FeatureTable,
+    state: AccountState,
+    population: PopulationFacts,
+    policy: ScoringPolicy,
+    *,
+    now: datetime,
+    profit_share: FloatArray | None = None,
+    with_drivers: bool = True,
+) -> Evaluation:
+    """Score, tier (gates, hysteresis, override) and risk of every account in ``table``."""
+    share = (
+        profit_share
+        if profit_share is not None
+        else population.profit_curve.place(table.columns["gross_profit_12m"])
+    )
+    features = table.value_features(share)
+    breakdown = score_breakdown(features, population.percentiles, policy)
+    decision = decide_tier(features, breakdown.score, policy)
+    candidate = np.where(table.lost, Tier.standard.value, decision.tiers.astype(str))
+    held, counts = apply_hysteresis(
+        state.computed_tier, candidate, breakdown.score, state.demotion_count, policy
+    )
+    # A lost account is not a key account, whatever the hysteresis would keep.
+    held = np.where(table.lost, Tier.standard.value, held.astype(str))
+    counts = np.where(table.lost, 0, counts)
+    published = apply_override(held, state.override_tier, state.override_expires_at, now)
+    in_force = override_active(state.override_tier, state.override_expires_at, now)
+    expired = np.array([t is not None for t in state.override_tier], dtype=np.bool_) & ~in_force
+
+    calibration = population.calibration.platt(policy.risk.horizon_days, population.horizon_days)
+    risk, assessment = _risk(
+        table,
+        population.params(),
+        policy,
+        calibration=calibration,
+        reference_p=population.reference_p,
+    )
+    bands: list[str | None] = [
+        None if lost or not math.isfinite(p) else str(b)
+        for lost, p, b in zip(table.lost, risk, assessment.band, strict=True)
+    ]
+    drivers = None
+    if with_drivers:
+        drivers = _drivers(
+            table,
+            state,
+            features=features,
+            breakdown=breakdown,
+            decision=decision,
+            candidate=candidate,
+            held=held,
+            published=published,
+            in_force=in_force,
+            expired=expired,
+            contributions=assessment.contributions,
+            policy=policy,
+        )
+    return Evaluation(
+        score=breakdown.score,
+        profit_share=np.asarray(share, dtype=np.float64),
+        computed_tier=[str(t) for t in held],
+        demotion_count=np.asarray(counts, dtype=np.int64),
+        tier=[str(t) for t in published],
+        risk=risk,
+        band=bands,
+        override_expired=expired,
+        drivers=drivers,
+    )
+
+
+def _drivers(
+    table: FeatureTable,
+    state: AccountState,
+    *,
+    features: Any,
+    breakdown: Any,
+    decision: Any,
+    candidate: Any,
+    held: Any,
+    published: Any,
+    in_force: Any,
+    expired: Any,
+    contributions: dict[str, FloatArray],
+    policy: ScoringPolicy,
+) -> list[dict[str, Any]]:
+    tier_reasons = explain_tier(decision.tiers, decision.gates, breakdown.score, features, policy)
+    value_reasons = explain_value(breakdown, features)
+    risk_reasons = explain_risk(contributions, table.behaviour())
+    out: list[dict[str, Any]] = []
+    for i in range(len(table)):
+        entry: dict[str, Any] = {
+            "tier": [d.as_dict() for d in tier_reasons[i]],
+            "value": [d.as_dict() for d in value_reasons[i]],
+            "risk": [d.as_dict() for d in risk_reasons[i]],
+        }
+        if table.lost[i]:
+            entry["status"] = {"code": "lost", "text": "the account is marked lost"}
+            entry["risk"] = []
+        elif held[i] != candidate[i]:
+            entry["hysteresis"] = {
+                "code": "held",
+                "text": (
+                    f"kept at {held[i]} (the data points to {candidate[i]}; "
+                    f"{int(state.demotion_count[i]) + 1} of {policy.hysteresis.demote_after} "
+                    "evaluations needed to demote)"
+                ),
+            }
+        if in_force[i]:
+            expires = state.override_expires_at[i]
+            until = f" until {expires.date().isoformat()}" if expires else ""
+            entry["override"] = {
+                "code": "override",
+                "text": f"pinned at {published[i]} by a manager{until}: "
+                f"{state.override_reason[i] or 'no reason given'}",
+                "computed_tier": str(held[i]),
+            }
+        elif expired[i]:
+            entry["override"] = {
+                "code": "override_expired",
+                "text": f"the manager's {state.override_tier[i]} override has expired",
+            }
+        out.append(entry)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Storage
+# --------------------------------------------------------------------------------------------
+
+_LOCK_STATE = """
+SELECT id, tier, computed_tier, tier_demotion_count, tier_override, tier_override_reason,
+       tier_override_expires_at, risk_band, tier_change_seq
+FROM accounts WHERE id = ANY($1::bigint[]) ORDER BY id FOR UPDATE
+"""
+
+_INSERT_SNAPSHOTS = """
+INSERT INTO score_snapshots (account_id, computed_at, policy_version, features, value_score,
+                             tier, risk_probability, risk_band, drivers)
+SELECT u.account_id, $2::timestamptz, $3::integer, u.features::jsonb, u.score, u.tier, u.risk,
+       u.band, u.drivers::jsonb
+FROM unnest($1::bigint[], $4::text[], $5::float8[], $6::text[], $7::float8[], $8::text[],
+            $9::text[]) AS u(account_id, features, score, tier, risk, band, drivers)
+RETURNING id, account_id
+"""
+
+_UPDATE_ACCOUNTS = """
+UPDATE accounts a SET
+    tier = u.tier,
+    tier_since = CASE WHEN a.tier IS DISTINCT FROM u.tier THEN $2::timestamptz
+                      ELSE a.tier_since END,
+    tier_change_seq = a.tier_change_seq + (a.tier IS DISTINCT FROM u.tier)::int,
+    computed_tier = u.computed_tier,
+    tier_demotion_count = u.demotion_count,
+    value_score = u.score,
+    risk_probability = u.risk,
+    risk_band = u.band,
+    scored_at = $2::timestamptz,
+    tier_override = CASE WHEN u.override_expired THEN NULL ELSE a.tier_override END,
+    tier_override_reason = CASE WHEN u.override_expired THEN NULL
+                                ELSE a.tier_override_reason END,
+    tier_override_expires_at = CASE WHEN u.override_expired THEN NULL
+                                    ELSE a.tier_override_expires_at END
+FROM unnest($1::bigint[], $3::text[], $4::text[], $5::smallint[], $6::float8[], $7::float8[],
+            $8::text[], $9::boolean[])
+     AS u(id, tier, computed_tier, demotion_count, score, risk, band, override_expired)
+WHERE a.id = u.id
+"""
+
+_INSERT_TIER_CHANGES = """
+INSERT INTO tier_changes (account_id, seq, from_tier, to_tier, changed_at, reasons, snapshot_id)
+SELECT u.account_id, u.seq, u.from_tier, u.to_tier, $2::timestamptz, u.reasons::jsonb,
+       u.snapshot_id
+FROM unnest($1::bigint[], $3::integer[], $4::text[], $5::text[], $6::text[], $7::bigint[])
+     AS u(account_id, seq, from_tier, to_tier, reasons, snapshot_id)
+"""
+
+
+async def _lock_state(session: AsyncSession, account_ids: list[int]) -> dict[int, Any]:
+    connection = await session.connection()
+    result = await connection.exec_driver_sql(_LOCK_STATE, (account_ids,))
+    return {row[0]: row for row in result.all()}
+
+
+def _state_for(table: FeatureTable, rows: dict[int, Any]) -> AccountState:
+    ordered = [rows.get(int(i)) for i in table.account_id]
+    return AccountState(
+        tier=[r[1] if r else None for r in ordered],
+        computed_tier=[r[2] if r else None for r in ordered],
+        demotion_count=np.array([r[3] if r else 0 for r in ordered], dtype=np.int64),
+        override_tier=[r[4] if r else None for r in ordered],
+        override_reason=[r[5] if r else None for r in ordered],
+        override_expires_at=[r[6] if r else None for r in ordered],
+        risk_band=[r[7] if r else None for r in ordered],
+        tier_change_seq=[r[8] if r else 0 for r in ordered],
+    )
+
+
+def _nullable(values: FloatArray) -> list[float | None]:
+    return [None if not math.isfinite(v) else float(v) for v in values]
+
+
+async def _store(
+    session: AsyncSession,
+    *,
+    table: FeatureTable,
+    state: AccountState,
+    result: Evaluation,
+    policy_version: int,
+    now: datetime,
 ) -> int:
-    """Refit the population facts and rescore every account; returns the accounts scored."""
-    raise NotImplementedError
+    """Write snapshots, account state and tier changes of the evaluated accounts."""
+    assert result.drivers is not None
+    ids = [int(i) for i in table.account_id]
+    connection = await session.connection()
+    snapshots = await connection.exec_driver_sql(
+        _INSERT_SNAPSHOTS,
+        (
+            ids,
+            now,
+            policy_version,
+            [
+                json.dumps(
+                    table.record(i) | {"profit_share_cum": round(float(result.profit_share[i]), 6)}
+                )
+                for i in range(len(ids))
+            ],
+            [float(s) for s in result.score],
+            result.tier,
+            _nullable(result.risk),
+            result.band,
+            [json.dumps(d) for d in result.drivers],
+        ),
+    )
+    rows: list[Any] = list(snapshots.all())
+    snapshot_of: dict[int, int] = {int(row[1]): int(row[0]) for row in rows}
+    await connection.exec_driver_sql(
+        _UPDATE_ACCOUNTS,
+        (
+            ids,
+            now,
+            result.tier,
+            result.computed_tier,
+            [int(c) for c in result.demotion_count],
+            [float(s) for s in result.score],
+            _nullable(result.risk),
+            result.band,
+            [bool(e) for e in result.override_expired],
+        ),
+    )
+    changed = [i for i in range(len(ids)) if state.tier[i] != result.tier[i]]
+    if changed:
+        await connection.exec_driver_sql(
+            _INSERT_TIER_CHANGES,
+            (
+                [ids[i] for i in changed],
+                now,
+                [state.tier_change_seq[i] + 1 for i in changed],
+                [state.tier[i] for i in changed],
+                [result.tier[i] for i in changed],
+                [
+                    json.dumps(
+                        {
+                            "tier": result.drivers[i]["tier"],
+                            **{
+                                key: result.drivers[i][key]
+                                for key in ("hysteresis", "override", "status")
+                                if key in result.drivers[i]
+                            },
+                        }
+                    )
+                    for i in changed
+                ],
+                [snapshot_of[ids[i]] for i in changed],
+            ),
+        )
+    return len(changed)
+
+
+# --------------------------------------------------------------------------------------------
+# Entry points
+# --------------------------------------------------------------------------------------------
+
+
+def _now(now: datetime | None) -> datetime:
+    return now if now is not None else datetime.now(UTC)
 
 
 async def rescore_accounts(
     session: AsyncSession, *, account_ids: list[int], now: datetime | None = None
 ) -> int:
-    """Rescore these accounts against the stored population facts; returns how many."""
-    raise NotImplementedError
+    """Rescore these accounts against the stored population facts; returns how many were
+    scored. Without population facts yet (a new installation) they are fitted first."""
+    at = _now(now)
+    version, policy = await active_policy(session)
+    population = await latest_population(session)
+    if population is None:
+        everything = await load_features(session, as_of=at)
+        population = await fit_population(session, table=everything, policy=policy, previous=None)
+        session.add(
+            PopulationFit(
+                policy_version=version,
+                evaluated_at=at,
+                accounts=len(everything),
+                facts=population.model_dump(mode="json"),
+            )
+        )
+        await session.flush()
+    rows = await _lock_state(session, sorted(set(account_ids)))
+    table = await load_features(session, as_of=at, account_ids=sorted(rows))
+    # Subsidiaries come back too (for the group roll-up); only the asked-for ones are scored.
+    table = table.take(np.isin(table.account_id, np.array(sorted(rows), dtype=np.int64)))
+    if not len(table):
+        return 0
+    state = _state_for(table, rows)
+    result = evaluate(table, state, population, policy, now=at)
+    await _store(session, table=table, state=state, result=result, policy_version=version, now=at)
+    return len(table)
+
+
+async def run_portfolio_pass(
+    sessionmaker: async_sessionmaker[AsyncSession], *, now: datetime | None = None
+) -> int | None:
+    """Refit the population facts and rescore every account; returns the accounts scored, or
+    None when another pass is running (an advisory lock lets one pass run at a time, whichever
+    worker picked it up).
+
+    The features are aggregated once, set-based; the accounts are then written in chunks of
+    ``PASS_CHUNK``, each chunk its own transaction holding its accounts' row locks only while it
+    writes, so ingestion and single rescores are never blocked for the whole pass."""
+    engine: AsyncEngine = sessionmaker.kw["bind"]
+    async with engine.connect() as guard:
+        # A session-level lock on a connection of its own: it outlives the chunk transactions.
+        lock = select(func.pg_try_advisory_lock(LOCK_NAMESPACE, PORTFOLIO_PASS_LOCK))
+        locked = await guard.scalar(lock)
+        await guard.commit()
+        if not locked:
+            log.info("portfolio_pass_skipped", reason="another pass is running")
+            return None
+        try:
+            return await _portfolio_pass(sessionmaker, at=_now(now))
+        finally:
+            unlock = select(func.pg_advisory_unlock(LOCK_NAMESPACE, PORTFOLIO_PASS_LOCK))
+            await guard.scalar(unlock)
+            await guard.commit()
+
+
+async def _portfolio_pass(sessionmaker: async_sessionmaker[AsyncSession], *, at: datetime) -> int:
+    async with sessionmaker() as session, session.begin():
+        version, policy = await active_policy(session)
+        previous = await latest_population(session)
+        table = await load_features(session, as_of=at)
+        population = await fit_population(session, table=table, policy=policy, previous=previous)
+        session.add(
+            PopulationFit(
+                policy_version=version,
+                evaluated_at=at,
+                accounts=len(table),
+                facts=population.model_dump(mode="json"),
+            )
+        )
+    active = ~table.lost
+    share = cumulative_profit_share(np.where(active, table.columns["gross_profit_12m"], 0.0))
+    changes = 0
+    for start in range(0, len(table), PASS_CHUNK):
+        chunk = np.zeros(len(table), dtype=np.bool_)
+        chunk[start : start + PASS_CHUNK] = True
+        part = table.take(chunk)
+        async with sessionmaker() as session, session.begin():
+            rows = await _lock_state(session, [int(i) for i in part.account_id])
+            present = np.isin(part.account_id, np.fromiter(rows, dtype=np.int64, count=len(rows)))
+            part_share = share[chunk][present]
+            part = part.take(present)
+            if not len(part):
+                continue
+            state = _state_for(part, rows)
+            result = evaluate(part, state, population, policy, now=at, profit_share=part_share)
+            changes += await _store(
+                session, table=part, state=state, result=result, policy_version=version, now=at
+            )
+    log.info(
+        "portfolio_pass_done",
+        accounts=len(table),
+        tier_changes=changes,
+        retention_model=population.bgnbd_source,
+        calibrated=population.calibration.used,
+    )
+    return len(table)
+
+
+async def preview_policy(
+    session: AsyncSession, *, draft: ScoringPolicy, now: datetime | None = None
+) -> PolicyPreview:
+    """What ``draft`` would publish for every account now, against what is published.
+
+    Runs in a read-only transaction: nothing can be written, not even population facts (when
+    none are stored yet they are fitted in memory)."""
+    at = _now(now)
+    await session.execute(text("SET TRANSACTION READ ONLY"))
+    table = await load_features(session, as_of=at)
+    population = await latest_population(session)
+    if population is None:
+        population = await fit_population(session, table=table, policy=draft, previous=None)
+    state_rows = await session.execute(
+        text(
+            "SELECT id, tier, computed_tier, tier_demotion_count, tier_override, "
+            "tier_override_reason, tier_override_expires_at, risk_band, tier_change_seq "
+            "FROM accounts ORDER BY id"
+        )
+    )
+    rows = {row[0]: row for row in state_rows.all()}
+    state = _state_for(table, rows)
+    share = cumulative_profit_share(np.where(~table.lost, table.columns["gross_profit_12m"], 0.0))
+    result = evaluate(
+        table, state, population, draft, now=at, profit_share=share, with_drivers=False
+    )
+    tier_moves = Counter(
+        (before, after) for before, after in zip(state.tier, result.tier, strict=True)
+    )
+    band_moves = Counter(
+        (before, after) for before, after in zip(state.risk_band, result.band, strict=True)
+    )
+    return PolicyPreview(
+        accounts=len(table),
+        evaluated_at=at,
+        tier_moves=[
+            TierMove(from_tier=Tier(a) if a else None, to_tier=Tier(b), accounts=count)
+            for (a, b), count in sorted(tier_moves.items(), key=_move_key)
+            if a != b
+        ],
+        band_moves=[
+            BandMove(
+                from_band=RiskBand(a) if a else None,
+                to_band=RiskBand(b) if b else None,
+                accounts=count,
+            )
+            for (a, b), count in sorted(band_moves.items(), key=_move_key)
+            if a != b
+        ],
+        unchanged_tier=sum(c for (a, b), c in tier_moves.items() if a == b),
+        unchanged_band=sum(c for (a, b), c in band_moves.items() if a == b),
+        tiers_now=_tier_counts(state.tier),
+        tiers_draft=_tier_counts(result.tier),
+    )
+
+
+def _move_key(item: tuple[tuple[str | None, str | None], int]) -> tuple[int, str, str]:
+    (a, b), count = item
+    return (-count, a or "", b or "")
+
+
+def _tier_counts(tiers: Sequence[str | None]) -> dict[Tier, int]:
+    counts = Counter(t for t in tiers if t is not None)
+    return {tier: counts.get(tier.value, 0) for tier in Tier}

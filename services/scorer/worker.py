@@ -9,7 +9,7 @@ from arq import cron
 from arq.worker import Function, Worker, func
 
 from services.scorer import jobs
-from services.scorer.enqueue import RESCORE_ACCOUNT, create_redis
+from services.scorer.enqueue import PORTFOLIO_JOB, RESCORE_ACCOUNT, create_redis
 from shared.db import create_engine, create_sessionmaker
 from shared.settings import Settings
 
@@ -39,6 +39,13 @@ def functions(settings: Settings) -> list[Function]:
             timeout=settings.job_timeout_s,
             max_tries=8,
         ),
+        func(
+            jobs.portfolio_pass,
+            name=PORTFOLIO_JOB,
+            keep_result=0,
+            timeout=settings.portfolio_pass_timeout_s,
+            max_tries=5,
+        ),
     ]
 
 
@@ -57,6 +64,15 @@ def create_worker(settings: Settings, *, burst: bool = False) -> Worker:
                 unique=True,
                 keep_result=0,
                 timeout=120,
+            ),
+            cron(
+                jobs.portfolio_pass,
+                name=f"cron:{PORTFOLIO_JOB}",
+                minute=settings.portfolio_pass_minutes,
+                second=0,
+                unique=True,
+                keep_result=0,
+                timeout=settings.portfolio_pass_timeout_s,
             ),
         ],
         redis_pool=create_redis(settings),
