@@ -129,7 +129,8 @@ async def test_a_tier_is_held_through_noise_and_demoted_after_consecutive_evalua
     await send(client, admin_headers, [*ordinary_accounts(40), STAR], NOW)
     await run_portfolio_pass(sessionmaker, now=NOW)
     star = await _account(session, "STAR")
-    assert star.tier is not None and star.value_score is not None
+    assert star.tier is not None
+    assert star.value_score is not None
     held = star.tier
     score = star.value_score
     # A policy whose thresholds sit just above the account's score: the data now points one
