@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 from functools import lru_cache
-from typing import Self
+from typing import Annotated, Self
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -14,6 +14,9 @@ class Environment(StrEnum):
     development = "development"
     test = "test"
     production = "production"
+
+
+Minute = Annotated[int, Field(ge=0, le=59)]
 
 
 class Settings(BaseSettings):
@@ -48,8 +51,8 @@ class Settings(BaseSettings):
     sweep_interval_s: int = Field(default=30, ge=1)
     worker_max_jobs: int = Field(default=10, ge=1)
     job_timeout_s: int = Field(default=300, ge=1)
-    # The portfolio pass runs at these minutes past every hour ("0" = hourly, "0,30" = twice).
-    portfolio_pass_minutes: set[int] = Field(default={0})
+    # The portfolio pass runs at these minutes past every hour: [0] hourly, [0, 30] twice.
+    portfolio_pass_minutes: set[Minute] = Field(default={0}, min_length=1)
     portfolio_pass_timeout_s: int = Field(default=3600, ge=60)
 
     # Development only: where `kam dev` keeps the embedded Postgres and Redis.
