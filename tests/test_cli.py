@@ -10,6 +10,8 @@ import sys
 import time
 
 import httpx
+import redis
+from arq.constants import health_check_key_suffix as HEALTH_CHECK_SUFFIX
 
 from shared.settings import Settings
 from tests import factories
@@ -100,6 +102,15 @@ def test_dev_runs_api_and_scorer_and_stops_on_ctrl_c(settings: Settings) -> None
         docs = httpx.get(f"http://127.0.0.1:{port}/docs", timeout=5)
         assert docs.status_code == 200
         assert "swagger" in docs.text.lower()
+        # the worker records its health in Redis once it is consuming the queue
+        client = redis.Redis.from_url(settings.redis_url)
+        try:
+            health_key = f"{settings.queue_name}{HEALTH_CHECK_SUFFIX}"
+            while time.monotonic() < deadline and not client.exists(health_key):
+                time.sleep(0.3)
+            assert client.exists(health_key)
+        finally:
+            client.close()
     finally:
         process.send_signal(signal.SIGINT)
         output, _ = process.communicate(timeout=60)
