@@ -62,6 +62,7 @@ log = structlog.get_logger(__name__)
 
 PASS_CHUNK = 1000
 PORTFOLIO_PASS_LOCK = 2
+FIRST_POPULATION_LOCK = 3
 # An uninformed but plausible purchase process (an order every ~45 days, ~8% chance of dropping
 # out after each), used until the portfolio has enough history to fit its own.
 PRIOR_BGNBD = BgNbdParams(r=1.0, alpha=45.0, a=0.5, b=6.0, converged=False)
@@ -626,6 +627,12 @@ async def rescore_accounts(
     at = _now(now)
     version, policy = await active_policy(session)
     population = await latest_population(session)
+    if population is None:
+        # The first rescores of a new installation all find no facts: one fits, the others wait.
+        await session.execute(
+            select(func.pg_advisory_xact_lock(LOCK_NAMESPACE, FIRST_POPULATION_LOCK))
+        )
+        population = await latest_population(session)
     if population is None:
         everything = await load_features(session, as_of=at)
         population = await fit_population(session, table=everything, policy=policy, previous=None)
