@@ -732,10 +732,9 @@ async def preview_policy(
 ) -> PolicyPreview:
     """What ``draft`` would publish for every account now, against what is published.
 
-    Runs in a read-only transaction: nothing can be written, not even population facts (when
-    none are stored yet they are fitted in memory)."""
+    Only reads: not even population facts are stored (when none exist yet they are fitted in
+    memory). The API also runs it inside a savepoint that it always rolls back."""
     at = _now(now)
-    await session.execute(text("SET TRANSACTION READ ONLY"))
     table = await load_features(session, as_of=at)
     population = await latest_population(session)
     if population is None:
