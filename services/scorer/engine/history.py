@@ -116,7 +116,9 @@ def summarise_purchases(
     order_codes, order_days = codes[ordered], days[ordered]
     origin = int(order_days.min()) if len(order_days) else 0
     span = int(order_days.max()) - origin + 1 if len(order_days) else 1
-    keys = np.unique(order_codes * span + (order_days - origin))
+    # A sort and a neighbour comparison: several times faster than np.unique's hashing here.
+    keys = np.sort(order_codes * span + (order_days - origin))
+    keys = keys[np.r_[True, keys[1:] != keys[:-1]]] if len(keys) else keys
     key_codes, key_days = keys // span, keys % span + origin
     if len(keys):
         starts = np.flatnonzero(np.r_[True, key_codes[1:] != key_codes[:-1]])
