@@ -77,6 +77,10 @@ def test_model_is_calibrated_per_decile(report: BacktestReport) -> None:
         spread = math.sqrt(b.mean_predicted * (1 - b.mean_predicted) / b.count)
         assert abs(b.mean_predicted - b.observed_rate) <= 3 * spread + 0.02, b
     assert table[0].mean_predicted < 0.1 < 0.9 < table[-1].mean_predicted
+    # Over all accounts the same bound is much tighter.
+    rate, n = report.no_purchase_rate, len(report.account_ids)
+    mean = float(_score(report, "model").probability.mean())
+    assert abs(mean - rate) <= 3 * math.sqrt(rate * (1 - rate) / n) + 0.02
 
 
 def test_scope_is_accounts_with_an_order_by_the_cutoff(history: Path) -> None:
@@ -122,6 +126,7 @@ def test_json_report(capsys: pytest.CaptureFixture[str], history: Path) -> None:
     scored = report["accounts"]["scored"]
     assert 0 < report["accounts"]["no_purchase_rate"] < 1
     assert set(report["model"]["bgnbd"]) >= {"r", "alpha", "a", "b", "converged"}
+    assert report["model"]["bgnbd"]["n"] == scored
     assert report["baseline_fit"]["cutoff"] == "2025-07-02"
     assert list(report["scores"]) == list(SCORES)
     for score in report["scores"].values():
