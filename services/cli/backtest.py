@@ -124,7 +124,9 @@ def read_transactions(path: Path) -> Transactions:
     from array import array
 
     accounts: dict[str, int] = {}
-    days_of: dict[str, int] = {}  # an export repeats few distinct date strings: parse each once
+    # An export repeats few distinct dates: parse each once. Datetimes are nearly all distinct,
+    # so they are parsed every time rather than cached (a cache would grow with the file).
+    days_of: dict[str, int] = {}
     account, day, amount = array("q"), array("q"), array("d")
     try:
         handle = path.open(newline="", encoding="utf-8-sig")
@@ -155,12 +157,14 @@ def read_transactions(path: Path) -> Transactions:
                 ordinal = days_of.get(stamp)
                 if ordinal is None:
                     try:
-                        ordinal = days_of[stamp] = parse_day(stamp)
+                        ordinal = parse_day(stamp)
                     except ValueError:
                         raise BacktestError(
                             f"line {line}: unparsable date {stamp!r} (expected an ISO date such "
                             "as 2024-03-31 or a datetime such as 2024-03-31T14:05:00+01:00)"
                         ) from None
+                    if len(stamp) <= 10:
+                        days_of[stamp] = ordinal
                 try:
                     value = _parse_amount(row[amount_at])
                 except ValueError:

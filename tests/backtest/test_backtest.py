@@ -241,6 +241,8 @@ def _few_accounts() -> str:
         ("account_id,date,amount,region\nA,2024-01-01,1,x\n", (), "unknown column(s) 'region'"),
         ("account_id,date,amount,amount\nA,2024-01-01,1,1\n", (), "named twice: amount"),
         (GOOD + "C,31/12/2024,5\n", (), "line 4: unparsable date '31/12/2024'"),
+        (GOOD + "C,2024-12-31T25:00,5\n", (), "line 4: unparsable date '2024-12-31T25:00'"),
+        (GOOD + "C,,5\n", (), "line 4: unparsable date ''"),
         (GOOD + "C,2024-12-31,12.5 EUR\n", (), "line 4: unparsable amount '12.5 EUR'"),
         (GOOD + "C,2024-12-31,nan\n", (), "line 4: unparsable amount 'nan'"),
         ("account_id,date,amount,cost\nA,2024-01-01,10,abc\n", (), "line 2: unparsable cost"),
