@@ -5,6 +5,7 @@ kam api | kam scorer         one process each, for production
 kam migrate                  upgrade the database to the newest schema
 kam keys create|list|revoke  API keys
 kam demo --accounts N        send a synthetic portfolio through the HTTP API
+kam backtest --orders F.csv --cutoff DATE   check the retention risk on your own history
 """
 
 from __future__ import annotations
@@ -266,6 +267,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--seed", type=int, default=7)
     demo.add_argument("--years", type=float, default=2.0)
+
+    backtest = sub.add_parser(
+        "backtest",
+        help="check the retention risk on your own order history (no server needed)",
+        description="Score the accounts as of --cutoff from the file's data up to it and "
+        "compare with who ordered in the horizon after it: AUC, Brier score and calibration "
+        "deciles for the model and two naive baselines.",
+    )
+    backtest.add_argument(
+        "--orders",
+        "--transactions",
+        required=True,
+        metavar="FILE.csv",
+        help="CSV with a header: account_id,date,amount[,cost]; one row per order",
+    )
+    backtest.add_argument("--cutoff", required=True, metavar="DATE", help="e.g. 2024-06-30")
+    backtest.add_argument("--horizon-days", type=int, default=90)
+    backtest.add_argument("--json", action="store_true", help="the report as JSON")
     return parser
 
 
@@ -306,6 +325,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 accounts=args.accounts,
                 seed=args.seed,
                 years=args.years,
+            )
+        case "backtest":
+            from services.cli.backtest import run_backtest
+
+            return run_backtest(
+                orders=args.orders,
+                cutoff=args.cutoff,
+                horizon_days=args.horizon_days,
+                as_json=args.json,
             )
     return 0
 

@@ -10,6 +10,8 @@ the backtest.
 - ``retention``: BG/NBD fit and the no-purchase probability, behavioural log-odds adjustment,
   Platt calibration, calibration table, AUC, Brier, risk bands.
 - ``drivers``: the reasons in words.
+- ``history``: per-account purchase summaries (the model's x, t_x, T and the order facts) from
+  dated transactions, for the backtest.
 """
 
 from services.scorer.engine.drivers import (
@@ -19,6 +21,7 @@ from services.scorer.engine.drivers import (
     explain_value,
     top_risk_drivers,
 )
+from services.scorer.engine.history import PurchaseSummary, ordered_within, summarise_purchases
 from services.scorer.engine.policy import (
     DEFAULT_POLICY,
     Hysteresis,
@@ -87,6 +90,7 @@ __all__ = [
     "InsufficientDataError",
     "PlattCalibration",
     "PopulationPercentiles",
+    "PurchaseSummary",
     "RiskAssessment",
     "RiskPolicy",
     "ScoringPolicy",
@@ -115,6 +119,7 @@ __all__ = [
     "fit_bgnbd",
     "fit_platt",
     "fit_signal_weights",
+    "ordered_within",
     "override_active",
     "p_alive",
     "p_no_purchase_within",
@@ -123,6 +128,7 @@ __all__ = [
     "risk_band",
     "score_breakdown",
     "simulate_bgnbd",
+    "summarise_purchases",
     "tier_codes",
     "top_risk_drivers",
     "value_score",
