@@ -112,6 +112,13 @@ async def test_invalid_policies_are_422_naming_the_field(
     problem = await _put_problem(client, admin_headers, {"policy": bands})
     assert problem["errors"][0]["field"] == "body.policy.risk"
 
+    lax = {"risk": {"horizon_days": "90", "signal_weights": {"revenue_decline": True}}}
+    problem = await _put_problem(client, admin_headers, {"policy": lax})
+    assert [e["field"] for e in problem["errors"]] == [
+        "body.policy.risk.horizon_days",
+        "body.policy.risk.signal_weights.revenue_decline",
+    ]
+
     problem = await _put_problem(client, admin_headers, {"policy": {}, "comment": "x" * 501})
     assert problem["errors"][0]["field"] == "body.comment"
 

@@ -447,7 +447,7 @@ async def list_tier_changes(
 @router.put(
     "/{external_id}/tier-override",
     summary="Pin an account's tier",
-    responses=problems(401, 403, 404, 413, 422, 503),
+    responses=problems(400, 401, 403, 404, 413, 422, 503),
 )
 async def put_tier_override(
     external_id: AccountId, body: TierOverrideIn, session: SessionDep, _: Overrider

@@ -44,7 +44,9 @@ async def get_policy(session: SessionDep, _: Reader) -> PolicyVersion:
     return await _version(session, version)
 
 
-@router.put("", summary="Publish a new scoring policy", responses=problems(401, 403, 413, 422, 503))
+@router.put(
+    "", summary="Publish a new scoring policy", responses=problems(400, 401, 403, 413, 422, 503)
+)
 async def put_policy(
     body: PolicyUpdate, session: SessionDep, principal: PolicyWriter
 ) -> PolicyVersion:
@@ -75,7 +77,7 @@ async def put_policy(
 @router.post(
     "/preview",
     summary="Preview a draft scoring policy",
-    responses=problems(401, 403, 413, 422, 503),
+    responses=problems(400, 401, 403, 413, 422, 503),
 )
 async def preview(body: PolicyDraft, session: SessionDep, _: PolicyWriter) -> PolicyPreview:
     """What `policy` would publish for every account now, beside what is published: how many

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from services.scorer.engine.policy import ScoringPolicy
+
+
+def _strictly(body: Any) -> Any:
+    # The engine's model is lax (a true would pass as the weight 1.0, "90" as 90 days); a body
+    # sent over HTTP is held to its JSON types, with the same errors and paths as otherwise.
+    if isinstance(body, dict):
+        return ScoringPolicy.model_validate_json(json.dumps(body), strict=True)
+    return body
+
+
+StrictPolicy = Annotated[ScoringPolicy, BeforeValidator(_strictly)]
 
 _POLICY_EXAMPLE: dict[str, Any] = {
     "tiers": {"key_threshold": 65.0, "margin_floor": 0.15},
@@ -22,7 +34,7 @@ class PolicyDraft(BaseModel):
         extra="forbid", json_schema_extra={"examples": [{"policy": _POLICY_EXAMPLE}]}
     )
 
-    policy: ScoringPolicy = Field(
+    policy: StrictPolicy = Field(
         description="The whole policy body; every field left out takes its documented default."
     )
 
