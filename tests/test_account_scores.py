@@ -332,3 +332,13 @@ async def test_a_cursor_of_another_sort_is_400(
     assert mixed.status_code == 400
     unknown = await client.get("/v1/accounts", params={"sort": "size"}, headers=admin_headers)
     assert unknown.status_code == 422
+
+
+async def test_a_control_character_in_a_text_filter_is_422(
+    client: httpx.AsyncClient, admin_headers: dict[str, str]
+) -> None:
+    response = await client.get(
+        "/v1/accounts", params={"industry": "v3\x00", "sort": "risk"}, headers=admin_headers
+    )
+    assert response.status_code == 422
+    assert response.json()["errors"][0]["field"] == "query.industry"

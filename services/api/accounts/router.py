@@ -47,7 +47,7 @@ from shared.models import (
     ScoreSnapshot,
     TierChange,
 )
-from shared.schemas import ExternalId, Timestamp
+from shared.schemas import ExternalId, ShortText, Timestamp
 
 Row = TypeVarTuple("Row")
 router = APIRouter(prefix="/v1/accounts", tags=["accounts"])
@@ -101,9 +101,9 @@ async def list_accounts(
     risk_band: Annotated[RiskBand | None, Query(description="Only this risk band.")] = None,
     manager: Annotated[ExternalId | None, Query(description="Manager external id.")] = None,
     status: Annotated[AccountStatus | None, Query()] = None,
-    region: Annotated[str | None, Query(max_length=100)] = None,
-    segment: Annotated[str | None, Query(max_length=100)] = None,
-    industry: Annotated[str | None, Query(max_length=100)] = None,
+    region: Annotated[ShortText | None, Query()] = None,
+    segment: Annotated[ShortText | None, Query()] = None,
+    industry: Annotated[ShortText | None, Query()] = None,
     parent: Annotated[ExternalId | None, Query(description="Subsidiaries of this group.")] = None,
     stub: Annotated[bool | None, Query(description="Only stubs (true) or filled (false).")] = None,
     sort: Annotated[
