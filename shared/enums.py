@@ -89,6 +89,7 @@ class Scope(StrEnum):
     pii_read = "pii:read"
     webhooks_manage = "webhooks:manage"
     policy_write = "policy:write"
+    tiers_override = "tiers:override"
     admin = "admin"
 
 

@@ -18,6 +18,8 @@ from services.api.ingest.schemas import batch_request_schema
 from services.api.keys.router import router as keys_router
 from services.api.keys.service import KeyVerifier
 from services.api.limits import BodySizeLimit
+from services.api.policy.router import router as policy_router
+from services.api.portfolio.router import router as portfolio_router
 from services.api.query import reject_unknown_query_params
 from services.logging import configure_logging
 from services.scorer.enqueue import create_redis
@@ -31,7 +33,8 @@ computed from the order, contact, interaction and payment events that other syst
 
 * **Authentication**: every call but `/healthz` and `/readyz` needs an API key,
   `Authorization: Bearer kam_...`. Each endpoint names the scope it needs
-  (`events:write`, `accounts:read`, `pii:read`, `admin`). A missing or wrong key answers 401,
+  (`events:write`, `accounts:read`, `pii:read`, `policy:write`, `tiers:override`, `admin`;
+  `admin` grants every other scope). A missing or wrong key answers 401,
   a missing scope 403.
 * **Idempotency**: every event carries a client-chosen `event_id`; sending it again is
   acknowledged as a `duplicate` and changes nothing. Entity events also carry a `version`
@@ -69,7 +72,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.key_verifier = KeyVerifier()
     install_error_handlers(app, retry_after_s=settings.retry_after_s)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    for router in (health_router, ingest_router, accounts_router, keys_router):
+    for router in (
+        health_router,
+        ingest_router,
+        accounts_router,
+        policy_router,
+        portfolio_router,
+        keys_router,
+    ):
         app.include_router(router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app

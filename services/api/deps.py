@@ -11,17 +11,18 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.api.errors import Forbidden, Unauthorized
 from services.api.keys.service import Principal
-from services.scorer.enqueue import enqueue_rescores
+from services.scorer.enqueue import enqueue_portfolio_pass, enqueue_rescores
 from shared.enums import Scope
 from shared.settings import Settings
 
 RESCORE_AFTER_COMMIT = "rescore_account_ids"
+PORTFOLIO_AFTER_COMMIT = "portfolio_pass"
 
 
 async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
     """One transaction per request, committed after the endpoint returns and before the answer
-    is built (``scope="function"``), so a 2xx always means the data is in Postgres. Rescore jobs
-    collected during the request are pushed only after that commit."""
+    is built (``scope="function"``), so a 2xx always means the data is in Postgres. Jobs asked for
+    during the request (rescores, a portfolio pass) are pushed only after that commit."""
     async with request.app.state.sessionmaker() as session:
         try:
             yield session
@@ -35,6 +36,8 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
             await enqueue_rescores(
                 request.app.state.redis, account_ids, defer_s=settings.rescore_debounce_s
             )
+        if session.info.pop(PORTFOLIO_AFTER_COMMIT, False):
+            await enqueue_portfolio_pass(request.app.state.redis)
 
 
 SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -36,6 +37,10 @@ def decode_cursor(cursor: str, *kinds: type) -> list[Any]:
                 values.append(datetime.fromisoformat(value))
             elif kind is int and isinstance(value, int) and not isinstance(value, bool):
                 values.append(value)
+            elif kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+                if not math.isfinite(value):
+                    raise ValueError
+                values.append(float(value))
             else:
                 raise ValueError
         return values

@@ -1,0 +1,1 @@
+"""Portfolio KPIs: the whole book of accounts, or one manager's."""

@@ -1,0 +1,94 @@
+"""Portfolio KPIs for the whole book of accounts and for one key-account manager."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Path
+from sqlalchemy import select
+
+from services.api.deps import SessionDep, require
+from services.api.errors import NotFound, problems
+from services.api.keys.service import Principal
+from services.api.portfolio.schemas import ManagerPortfolio, Portfolio
+from services.api.portfolio.service import (
+    manager_loads,
+    portfolio_kpis,
+    unassigned_key_accounts,
+)
+from shared.enums import Scope
+from shared.models import Manager
+from shared.schemas import ExternalId
+
+router = APIRouter(prefix="/v1", tags=["portfolio"])
+
+Reader = Annotated[Principal, Depends(require(Scope.accounts_read))]
+
+_DEFINITIONS = """
+Definitions (the window is the 12 months up to now):
+
+* **revenue_12m**: net amount of placed orders (not cancelled or returned) in the window;
+  **gross_profit_12m**: amount minus cost of those orders whose cost is known (an order without
+  a cost counts in revenue, not in gross profit). Money is summed as sent, without conversion.
+* **tiers**: by the tier published now (overrides included); `unscored` for accounts not yet
+  evaluated. Counts include lost accounts; `active_accounts` leaves them out.
+* **key_share_of_gross_profit / key_share_of_revenue**: key + strategic over all accounts.
+* **retention.rate**: of the accounts with a placed order in the 12 months before the window,
+  the share with a placed order in the window too that are not lost now. New accounts of the
+  window do not count either way.
+* **satisfaction**: the mean of survey answers (1-5) given in the window.
+* **at_risk_key_accounts**: active key and strategic accounts in risk band high or critical.
+* **manager load**: active key and strategic accounts assigned, against the manager's
+  capacity; `over_capacity` when above it.
+"""
+
+
+_PORTFOLIO = """KPIs of the whole book of accounts, evaluated now: accounts, revenue and gross
+profit per tier, the key accounts' share of them, retention, satisfaction, the key accounts at
+risk, and every manager's load. Needs scope `accounts:read`.
+"""
+_MANAGER_PORTFOLIO = """The portfolio KPIs over the accounts assigned to this manager, with the
+manager's load (key and strategic accounts against capacity). An unknown manager is a 404.
+Needs scope `accounts:read`.
+"""
+
+
+@router.get(
+    "/portfolio",
+    summary="Portfolio KPIs",
+    description=_PORTFOLIO + _DEFINITIONS,
+    responses=problems(401, 403, 503),
+)
+async def get_portfolio(session: SessionDep, _: Reader) -> Portfolio:
+    """KPIs of the whole book of accounts (the route's description has the definitions)."""
+    now = datetime.now(UTC)
+    kpis = await portfolio_kpis(session, now=now)
+    managers = await manager_loads(session)
+    return Portfolio(
+        **dict(kpis),
+        managers=managers,
+        managers_over_capacity=sum(m.over_capacity for m in managers),
+        unassigned_key_accounts=await unassigned_key_accounts(session),
+    )
+
+
+@router.get(
+    "/managers/{external_id}/portfolio",
+    summary="A manager's portfolio KPIs",
+    description=_MANAGER_PORTFOLIO + _DEFINITIONS,
+    responses=problems(401, 403, 404, 422, 503),
+)
+async def get_manager_portfolio(
+    external_id: Annotated[ExternalId, Path(description="The producer's id of the manager.")],
+    session: SessionDep,
+    _: Reader,
+) -> ManagerPortfolio:
+    """The KPIs over one manager's accounts (the route's description has the definitions)."""
+    manager_id = await session.scalar(select(Manager.id).where(Manager.external_id == external_id))
+    if manager_id is None:
+        raise NotFound(f"No manager with external_id {external_id!r}.")
+    now = datetime.now(UTC)
+    kpis = await portfolio_kpis(session, now=now, manager_id=manager_id)
+    [load] = await manager_loads(session, manager_id=manager_id)
+    return ManagerPortfolio(**dict(kpis), manager=load)

@@ -1,0 +1,122 @@
+"""Answers of the portfolio API."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from enum import StrEnum
+
+from pydantic import BaseModel, Field
+
+from shared.enums import RiskBand, Tier
+
+
+class TierBucket(StrEnum):
+    """A tier, or ``unscored`` for accounts the scorer has not evaluated yet."""
+
+    strategic = "strategic"
+    key = "key"
+    developing = "developing"
+    standard = "standard"
+    unscored = "unscored"
+
+
+class TierKpi(BaseModel):
+    tier: TierBucket
+    accounts: int = Field(description="Accounts published with this tier, lost ones included.")
+    active_accounts: int = Field(description="Of those, the ones not lost.")
+    revenue_12m: Decimal = Field(description="Net amount of their placed orders in the window.")
+    gross_profit_12m: Decimal = Field(
+        description="Amount minus cost of their placed orders in the window, over the orders "
+        "whose cost is known."
+    )
+
+
+class Retention(BaseModel):
+    """Repeat-purchase retention over the window: of the accounts that placed an order in the
+    12 months before the window (`base_accounts`), the share that placed one in the window too
+    and are not lost (`retained_accounts`). Null when the base is empty."""
+
+    rate: float | None = Field(examples=[0.875])
+    base_accounts: int = Field(description="Accounts with a placed order in the prior 12 months.")
+    retained_accounts: int = Field(
+        description="Of those, accounts with a placed order in the window and not lost."
+    )
+
+
+class Satisfaction(BaseModel):
+    """Satisfaction survey answers in the window (1 very dissatisfied ... 5 very satisfied)."""
+
+    average: float | None = Field(description="Mean answer; null without answers.", examples=[4.2])
+    answers: int
+
+
+class AtRiskAccount(BaseModel):
+    external_id: str
+    name: str | None
+    tier: Tier
+    risk_band: RiskBand
+    risk_probability: float | None
+    manager_external_id: str | None
+
+
+class AtRiskKeyAccounts(BaseModel):
+    """Active key and strategic accounts with risk band high or critical."""
+
+    count: int = Field(description="All of them.")
+    accounts: list[AtRiskAccount] = Field(
+        description="The riskiest of them, highest risk first (at most 20)."
+    )
+
+
+class ManagerLoad(BaseModel):
+    """How many key and strategic accounts a manager looks after, against their capacity."""
+
+    external_id: str
+    name: str | None
+    capacity: int = Field(description="Key accounts the manager can handle.")
+    key_accounts: int = Field(description="Active key and strategic accounts assigned.")
+    accounts: int = Field(description="All accounts assigned, of any tier or status.")
+    over_capacity: bool = Field(description="`key_accounts` is greater than `capacity`.")
+
+
+class PortfolioKpis(BaseModel):
+    """KPIs over a set of accounts. The window is the 12 months up to `evaluated_at`. Money is
+    summed as sent, in the accounts' reporting currency (no conversion)."""
+
+    evaluated_at: datetime
+    window_start: datetime = Field(description="`evaluated_at` minus 12 months.")
+    tiers: list[TierKpi] = Field(
+        description="One row per tier, strategic first, then `unscored`; every row is present."
+    )
+    accounts: int
+    revenue_12m: Decimal
+    gross_profit_12m: Decimal
+    key_share_of_gross_profit: float | None = Field(
+        description="Gross profit of key and strategic accounts over all gross profit (the "
+        "80/20 check); null when total gross profit is not positive.",
+        examples=[0.78],
+    )
+    key_share_of_revenue: float | None = Field(
+        description="Revenue of key and strategic accounts over all revenue; null without revenue.",
+        examples=[0.61],
+    )
+    retention: Retention
+    satisfaction: Satisfaction
+    at_risk_key_accounts: AtRiskKeyAccounts
+
+
+class Portfolio(PortfolioKpis):
+    managers: list[ManagerLoad] = Field(
+        description="Every manager, the most overloaded first (key accounts minus capacity)."
+    )
+    managers_over_capacity: int
+    unassigned_key_accounts: int = Field(
+        description="Active key and strategic accounts without a manager."
+    )
+
+
+class ManagerPortfolio(PortfolioKpis):
+    """The KPIs over the accounts assigned to one manager, and the manager's load."""
+
+    manager: ManagerLoad
