@@ -411,3 +411,31 @@ async def test_the_risk_is_calibrated_on_a_history_from_a_known_process(
     for decile in calibration["deciles"]:
         assert abs(decile["mean_predicted"] - decile["observed_rate"]) < 0.12, decile
     assert facts["bgnbd_source"] == "fitted"
+
+
+async def test_a_portfolio_pass_on_demand_runs_in_the_worker(
+    client: httpx.AsyncClient,
+    admin_headers: dict[str, str],
+    make_key: Any,
+    session: AsyncSession,
+    redis: Any,
+    run_worker: RunWorker,
+) -> None:
+    await send(client, admin_headers, [*ordinary_accounts(25), STAR], NOW)
+    await redis.flushdb()  # only the pass asked for below is queued
+    reader = {"Authorization": f"Bearer {await make_key('accounts:read')}"}
+    denied = await client.post("/v1/portfolio/rescore", headers=reader)
+    assert denied.status_code == 403
+
+    response = await client.post("/v1/portfolio/rescore", headers=admin_headers)
+    assert response.status_code == 202
+    assert response.json() == {"queued": True}
+    again = await client.post("/v1/portfolio/rescore", headers=admin_headers)
+    assert again.status_code == 202  # coalesced with the one already queued
+    worker = await run_worker()
+    assert worker.jobs_failed == 0
+    assert await session.scalar(select(func.count()).select_from(PopulationFit)) == 1
+    scored = await session.scalar(
+        select(func.count()).select_from(Account).where(Account.scored_at.is_not(None))
+    )
+    assert scored == 26

@@ -88,6 +88,11 @@ class PayloadTooLarge(ProblemError):
     title = "Request body too large"
 
 
+class ServiceUnavailable(ProblemError):
+    status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+    title = "A backing service is unavailable"
+
+
 class BadRequest(ProblemError):
     status_code = status.HTTP_400_BAD_REQUEST
     title = "Bad request"

@@ -5,25 +5,28 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path
+from fastapi import APIRouter, Depends, Path, Request, status
 from sqlalchemy import select
 
 from services.api.deps import SessionDep, require
-from services.api.errors import NotFound, problems
+from services.api.errors import NotFound, ServiceUnavailable, problems
 from services.api.keys.service import Principal
-from services.api.portfolio.schemas import ManagerPortfolio, Portfolio
+from services.api.portfolio.schemas import ManagerPortfolio, Portfolio, PortfolioRescore
 from services.api.portfolio.service import (
     manager_loads,
     portfolio_kpis,
     unassigned_key_accounts,
 )
+from services.scorer.enqueue import enqueue_portfolio_pass
 from shared.enums import Scope
 from shared.models import Manager
 from shared.schemas import ExternalId
+from shared.settings import Settings
 
 router = APIRouter(prefix="/v1", tags=["portfolio"])
 
 Reader = Annotated[Principal, Depends(require(Scope.accounts_read))]
+PolicyWriter = Annotated[Principal, Depends(require(Scope.policy_write))]
 
 _DEFINITIONS = """
 Definitions (the window is the 12 months up to now):
@@ -92,3 +95,24 @@ async def get_manager_portfolio(
     kpis = await portfolio_kpis(session, now=now, manager_id=manager_id)
     [load] = await manager_loads(session, manager_id=manager_id)
     return ManagerPortfolio(**dict(kpis), manager=load)
+
+
+@router.post(
+    "/portfolio/rescore",
+    summary="Run a portfolio pass now",
+    status_code=status.HTTP_202_ACCEPTED,
+    responses=problems(401, 403, 503),
+)
+async def rescore_portfolio(request: Request, _: PolicyWriter) -> PortfolioRescore:
+    """Ask the scorer for a portfolio pass now, besides the hourly one: it refits the population
+    facts (percentiles, the 80/20 curve, the retention model and its calibration) and rescores
+    every account. One pass runs at a time; asking while one is queued or running adds
+    nothing. The answer comes at once; the pass runs in the scorer. Needs scope `policy:write`.
+    Redis unreachable is a 503 with `Retry-After`: nothing was asked."""
+    if not await enqueue_portfolio_pass(request.app.state.redis):
+        settings: Settings = request.app.state.settings
+        raise ServiceUnavailable(
+            "The queue is unreachable; retry later.",
+            headers={"Retry-After": str(settings.retry_after_s)},
+        )
+    return PortfolioRescore(queued=True)

@@ -120,3 +120,9 @@ class ManagerPortfolio(PortfolioKpis):
     """The KPIs over the accounts assigned to one manager, and the manager's load."""
 
     manager: ManagerLoad
+
+
+class PortfolioRescore(BaseModel):
+    """The pass was handed to the scorer."""
+
+    queued: bool
