@@ -701,6 +701,7 @@ class DemoSummary:
     rejected: int = 0
     batches: int = 0
     errors: list[str] = field(default_factory=list)
+    portfolio_pass_queued: bool = False
 
 
 def _phase(event: Mapping[str, Any]) -> int:
@@ -826,7 +827,11 @@ async def send_events(
 async def _run(url: str, api_key: str, events: list[dict[str, Any]]) -> DemoSummary:
     headers = {"Authorization": f"Bearer {api_key}"}
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=60) as client:
-        return await send_events(client, events)
+        summary = await send_events(client, events)
+        # A new portfolio deserves population facts of its own at once, not at the next hour.
+        rescore = await client.post("/v1/portfolio/rescore")
+        summary.portfolio_pass_queued = rescore.status_code == 202
+        return summary
 
 
 def run_demo(*, url: str, api_key: str, accounts: int, seed: int = 7, years: float = 2.0) -> int:
@@ -861,6 +866,13 @@ def run_demo(*, url: str, api_key: str, accounts: int, seed: int = 7, years: flo
         f"{summary.rejected} rejected in {summary.batches} batches; {elapsed:.1f} s, "
         f"{len(events) / max(elapsed, 1e-9):.0f} events/s"
     )
+    if summary.portfolio_pass_queued:
+        print("portfolio pass queued: tiers and risks follow in the scorer")
+    else:
+        print(
+            "the portfolio pass could not be queued (the key needs policy:write); the hourly "
+            "pass will score the portfolio"
+        )
     for error in summary.errors:
         print(f"  rejected {error}", file=sys.stderr)
     return 0 if summary.rejected == 0 else 1
