@@ -18,7 +18,6 @@ earlier date only their AUC is reported.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import math
 import sys
@@ -435,8 +434,6 @@ def backtest(
         params = fit_bgnbd(x, t_x, age, weights=counts)
     except InsufficientDataError as exc:
         raise BacktestError(f"too few accounts to fit the risk model by {cutoff}: {exc}") from None
-    # fit_bgnbd counts the rows it was given; here a row stands for `count` accounts.
-    params = dataclasses.replace(params, n=int(counts.sum()))
     facts = summary.behaviour_facts()
     assessment = assess_risk(params, summary.frequency, summary.recency, summary.age, facts, policy)
     ordered = ordered_within(*columns, accounts=accounts, after=cut, until=cut + horizon_days)

@@ -280,3 +280,11 @@ def test_likelihood_gradient_matches_finite_differences(cohort: SimulatedCohort)
         down = tuple(v - step if i == j else v for i, v in enumerate(point))
         numeric = (total(*up) - total(*down)) / (2 * step)
         assert gradient[:, j].sum() == pytest.approx(numeric, rel=1e-4)
+
+
+def test_a_weighted_fit_counts_accounts_not_rows() -> None:
+    # 30 accounts in three distinct histories: enough accounts, though only three rows
+    params = fit_bgnbd([0, 2, 5], [0, 100, 300], [400, 400, 400], weights=[10, 10, 10])
+    assert params.n == 30
+    with pytest.raises(InsufficientDataError):
+        fit_bgnbd([0, 2, 5], [0, 100, 300], [400, 400, 400], weights=[5, 5, 5])

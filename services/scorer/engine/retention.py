@@ -217,17 +217,18 @@ def fit_bgnbd(
     order at all (then nothing identifies the purchase rate against drop-out).
     """
     x, t_x, T = _rfm_columns(frequency, recency, age, allow_nan=False)
-    n = len(x)
+    if weights is None:
+        w = np.ones(len(x), dtype=np.float64)
+    else:
+        w = as_float_array(weights, "weights")
+        if len(w) != len(x) or not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+            raise ValueError("weights must be finite, >= 0, one per account and not all zero")
+    # With weights a row stands for that many accounts: count accounts, not rows.
+    n = round(float(w.sum()))
     if n < MIN_CUSTOMERS:
         raise InsufficientDataError(
             f"the retention model needs at least {MIN_CUSTOMERS} accounts with orders, got {n}"
         )
-    if weights is None:
-        w = np.ones(n, dtype=np.float64)
-    else:
-        w = as_float_array(weights, "weights")
-        if len(w) != n or not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
-            raise ValueError("weights must be finite, >= 0, one per account and not all zero")
     if not (x[w > 0] > 0).any():
         raise InsufficientDataError("no account has a repeat order; the model cannot be fitted")
     if not (T[w > 0] > 0).any():
