@@ -411,6 +411,11 @@ async def test_the_risk_is_calibrated_on_a_history_from_a_known_process(
     for decile in calibration["deciles"]:
         assert abs(decile["mean_predicted"] - decile["observed_rate"]) < 0.12, decile
     assert facts["bgnbd_source"] == "fitted"
+    # data drawn from BG/NBD itself: the fitted model alone is already calibrated, and whatever
+    # method won on held-out accounts scored no worse than the policy's model as is
+    scores = calibration["held_out_brier"]
+    assert set(scores) == {"policy", "calibrated", "learned"}
+    assert scores[calibration["method"]] <= scores["policy"]
 
 
 async def test_a_portfolio_pass_on_demand_runs_in_the_worker(

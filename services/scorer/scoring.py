@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import structlog
@@ -34,8 +34,10 @@ from services.scorer.engine import (
     PlattCalibration,
     PopulationPercentiles,
     ScoringPolicy,
+    adjust_log_odds,
     apply_hysteresis,
     apply_override,
+    apply_platt,
     assess_risk,
     auc,
     brier,
@@ -47,6 +49,7 @@ from services.scorer.engine import (
     explain_value,
     fit_bgnbd,
     fit_platt,
+    fit_signal_weights,
     override_active,
     population_percentiles,
     score_breakdown,
@@ -98,27 +101,41 @@ class ProfitCurve(_Facts):
 
 
 class Calibration(_Facts):
-    """What the replay of history at ``cutoff`` showed, and whether the calibration is used.
+    """What the replay of history at ``cutoff`` showed, and what the service uses from it.
 
-    ``used`` only when the calibrated risk beat the uncalibrated one (Brier score) on the
-    held-out half of the accounts; then ``slope``/``intercept`` were refitted on all of them."""
+    Three ways to turn the model into a probability are fitted on the even account ids and
+    compared on the odd ones (Brier score): ``policy`` (BG/NBD shifted by the policy's signal
+    weights, as is), ``calibrated`` (the same, Platt-calibrated) and ``learned`` (signal weights
+    learned from the outcomes on top of BG/NBD, then Platt-calibrated). The winner is refitted on
+    all accounts; ``used`` is False when the policy's own model won (nothing is changed).
+    ``held_out_brier`` has every method's score, ``auc`` and ``deciles`` are the winner's on the
+    held-out half."""
 
     used: bool
+    method: Literal["policy", "calibrated", "learned"] = "policy"
     slope: float = 1.0
     intercept: float = 0.0
+    signal_weights: dict[str, float] | None = None
     cutoff: datetime | None = None
     accounts: int = 0
     observed_no_purchase_rate: float | None = None
     auc: float | None = None
-    brier_uncalibrated: float | None = None
-    brier_calibrated: float | None = None
+    held_out_brier: dict[str, float] = {}
     deciles: list[dict[str, float | int]] = []
     reason: str | None = None
 
+    def applies(self, horizon_days: int, fitted_for: int) -> bool:
+        return self.used and horizon_days == fitted_for
+
     def platt(self, horizon_days: int, fitted_for: int) -> PlattCalibration:
-        if not self.used or horizon_days != fitted_for:
+        if not self.applies(horizon_days, fitted_for):
             return IDENTITY_CALIBRATION
         return PlattCalibration(slope=self.slope, intercept=self.intercept)
+
+    def weights(self, horizon_days: int, fitted_for: int) -> dict[str, float] | None:
+        if not self.applies(horizon_days, fitted_for):
+            return None
+        return self.signal_weights
 
 
 class PopulationFacts(_Facts):
@@ -180,6 +197,7 @@ def _risk(
     *,
     calibration: PlattCalibration,
     reference_p: float,
+    signal_weights: dict[str, float] | None = None,
 ) -> tuple[FloatArray, Any]:
     x, t_x, T = _purchase_history(table)
     assessment = assess_risk(
@@ -190,6 +208,7 @@ def _risk(
         table.behaviour(),
         policy.risk,
         calibration=calibration,
+        signal_weights=signal_weights,
         reference_p=reference_p,
     )
     probability = np.where(table.lost, np.nan, assessment.probability)
@@ -203,45 +222,80 @@ def _replay_calibration(
     previous: BgNbdParams | None,
 ) -> Calibration:
     """Score the accounts as they stood one horizon ago, compare with what they did since, and
-    learn a Platt calibration if (and only if) it predicts the held-out half better."""
+    keep a calibration (or learned signal weights) only where it predicts held-out accounts
+    better than the policy's model as is."""
     cutoff = then.as_of
-    scored = then.has_orders
+    scored = then.has_orders & ~then.lost
     if int(scored.sum()) < MIN_CALIBRATION_ACCOUNTS:
         return Calibration(used=False, cutoff=cutoff, reason="too few accounts with history")
     params, _ = _fit_retention(then, previous)
-    probability, _ = _risk(then, params, policy, calibration=IDENTITY_CALIBRATION, reference_p=0.5)
+    probability, assessment = _risk(
+        then, params, policy, calibration=IDENTITY_CALIBRATION, reference_p=0.5
+    )
     ids = then.account_id[scored]
     p = probability[scored]
+    base = assessment.base_p[scored]
+    signals = {name: values[scored] for name, values in assessment.signals.items()}
     position = np.clip(np.searchsorted(now.account_id, ids), 0, max(len(now) - 1, 0))
     found = now.account_id[position] == ids
     last_gap = now.columns["days_since_last_order"][position]
     horizon = float(policy.risk.horizon_days)
     # No order in (cutoff, now] <=> the last order as of now is at least a horizon old.
     outcome = np.where(found, ~(last_gap < horizon), True).astype(np.float64)
-    keep = np.isfinite(p)
-    ids, p, outcome = ids[keep], p[keep], outcome[keep]
+    keep = np.isfinite(p) & np.isfinite(base)
+    ids, p, base, outcome = ids[keep], p[keep], base[keep], outcome[keep]
+    signals = {name: values[keep] for name, values in signals.items()}
     if p.size < MIN_CALIBRATION_ACCOUNTS or outcome.min() == outcome.max():
         return Calibration(used=False, cutoff=cutoff, reason="outcomes do not vary")
+
+    def learned(fit: np.ndarray[Any, np.dtype[np.bool_]]) -> tuple[dict[str, float], Any]:
+        weights = fit_signal_weights(
+            base[fit], {k: v[fit] for k, v in signals.items()}, outcome[fit]
+        )
+        adjusted, _ = adjust_log_odds(base, signals, weights)
+        return weights, (adjusted, fit_platt(adjusted[fit], outcome[fit]))
+
     fit_half, test_half = ids % 2 == 0, ids % 2 == 1
     platt = fit_platt(p[fit_half], outcome[fit_half])
-    calibrated = 1.0 / (1.0 + np.exp(-(platt.slope * _logit(p) + platt.intercept)))
-    brier_raw = brier(p[test_half], outcome[test_half])
-    brier_cal = brier(calibrated[test_half], outcome[test_half])
-    used = brier_cal < brier_raw
-    final = fit_platt(p, outcome) if used else IDENTITY_CALIBRATION
-    shown = 1.0 / (1.0 + np.exp(-(final.slope * _logit(p) + final.intercept))) if used else p
+    weights, (adjusted, learned_platt) = learned(fit_half)
+    candidates = {
+        "policy": p,
+        "calibrated": apply_platt(p, platt),
+        "learned": apply_platt(adjusted, learned_platt),
+    }
+    scores = {name: brier(q[test_half], outcome[test_half]) for name, q in candidates.items()}
+    method = min(scores, key=lambda name: scores[name])
+    held_out = candidates[method][test_half]
+    summary = {
+        "cutoff": cutoff,
+        "accounts": int(p.size),
+        "observed_no_purchase_rate": float(outcome.mean()),
+        "auc": auc(held_out, outcome[test_half]),
+        "held_out_brier": scores,
+        "deciles": [b.as_dict() for b in calibration_table(held_out, outcome[test_half])],
+    }
+    everyone = np.ones_like(fit_half)
+    if method == "calibrated":
+        final = fit_platt(p, outcome)
+        return Calibration(
+            used=True,
+            method="calibrated",
+            slope=final.slope,
+            intercept=final.intercept,
+            **summary,
+        )
+    if method == "learned":
+        weights, (_, final) = learned(everyone)
+        return Calibration(
+            used=True,
+            method="learned",
+            slope=final.slope,
+            intercept=final.intercept,
+            signal_weights=weights,
+            **summary,
+        )
     return Calibration(
-        used=used,
-        slope=final.slope,
-        intercept=final.intercept,
-        cutoff=cutoff,
-        accounts=int(p.size),
-        observed_no_purchase_rate=float(outcome.mean()),
-        auc=auc(p, outcome),
-        brier_uncalibrated=brier_raw,
-        brier_calibrated=brier_cal,
-        deciles=[b.as_dict() for b in calibration_table(shown, outcome)],
-        reason=None if used else "calibration did not improve the held-out Brier score",
+        used=False, reason="the policy's model predicted held-out accounts best", **summary
     )
 
 
@@ -361,12 +415,13 @@ def evaluate(
     in_force = override_active(state.override_tier, state.override_expires_at, now)
     expired = np.array([t is not None for t in state.override_tier], dtype=np.bool_) & ~in_force
 
-    calibration = population.calibration.platt(policy.risk.horizon_days, population.horizon_days)
+    horizons = (policy.risk.horizon_days, population.horizon_days)
     risk, assessment = _risk(
         table,
         population.params(),
         policy,
-        calibration=calibration,
+        calibration=population.calibration.platt(*horizons),
+        signal_weights=population.calibration.weights(*horizons),
         reference_p=population.reference_p,
     )
     bands: list[str | None] = [
