@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import numpy as np
 import structlog
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -79,7 +79,8 @@ CURVE_POINTS = 1001
 
 
 class _Facts(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Stored JSON: a field an older or newer version wrote and this one does not know is ignored.
+    model_config = ConfigDict(extra="ignore", frozen=True)
 
 
 class ProfitCurve(_Facts):
@@ -308,7 +309,14 @@ async def latest_population(session: AsyncSession) -> PopulationFacts | None:
     facts = await session.scalar(
         select(PopulationFit.facts).order_by(PopulationFit.id.desc()).limit(1)
     )
-    return None if facts is None else PopulationFacts.model_validate(facts)
+    if facts is None:
+        return None
+    try:
+        return PopulationFacts.model_validate(facts)
+    except ValidationError as exc:
+        # Facts in a shape this version cannot read are as good as none: they get refitted.
+        log.warning("population_facts_unreadable", errors=exc.error_count())
+        return None
 
 
 async def fit_population(
