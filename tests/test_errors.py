@@ -190,3 +190,24 @@ async def test_implausible_timestamps_are_rejected(
         )
         assert response.status_code == 422, ordered_at
         assert response.json()["errors"][0]["field"] == "body.ordered_at"
+
+
+async def test_timestamps_at_the_edge_of_the_plausible_years(
+    client: httpx.AsyncClient, admin_headers: dict[str, str]
+) -> None:
+    """The years are those of the time in UTC, not as written."""
+    cases = {
+        "1900-01-01T00:30:00+01:00": 422,  # 1899 in UTC
+        "1900-01-01T00:30:00-01:00": 202,
+        "2200-12-31T23:30:00-01:00": 422,  # 2201 in UTC
+        "2200-12-31T22:30:00-01:00": 202,
+        "1899-12-31T23:30:00-01:00": 202,  # 1900 in UTC
+        "2201-01-01T00:30:00+01:00": 202,  # 2200 in UTC
+    }
+    for ordered_at, expected in cases.items():
+        response = await client.post(
+            "/v1/orders",
+            json=factories.order() | {"ordered_at": ordered_at},
+            headers=admin_headers,
+        )
+        assert response.status_code == expected, (ordered_at, response.text)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
+import asyncpg
 import httpx
-from sqlalchemy import func, select
+from arq.connections import ArqRedis
+from sqlalchemy import delete, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from services.scorer.enqueue import rescore_job_id
 from shared.models import (
     Account,
     Contact,
@@ -18,7 +22,9 @@ from shared.models import (
     Order,
     Payment,
 )
+from shared.settings import Settings
 from tests import factories
+from tests.conftest import asyncpg_dsn
 
 
 async def _count(session: AsyncSession, model: Any) -> int:
@@ -283,3 +289,114 @@ async def test_lost_account_with_churn_reason(
     ).status_code == 202
     got = (await client.get("/v1/accounts/A-1", headers=admin_headers)).json()
     assert (got["status"], got["churn_reason"]) == ("lost", "moved to a competitor on price")
+
+
+async def test_each_typed_event_is_stored_once_with_its_stub_and_mark(
+    client: httpx.AsyncClient,
+    admin_headers: dict[str, str],
+    session: AsyncSession,
+    redis: ArqRedis,
+    settings: Settings,
+) -> None:
+    sent = [
+        ("/v1/orders", factories.order("A-1"), Order),
+        ("/v1/contacts", factories.contact("A-2"), Contact),
+        ("/v1/interactions", factories.interaction("A-3"), Interaction),
+        ("/v1/payments", factories.payment("A-4"), Payment),
+    ]
+    for path, body, model in sent:
+        first = await client.post(path, json=body, headers=admin_headers)
+        again = await client.post(path, json=body, headers=admin_headers)
+        assert first.json() == {"event_id": body["event_id"], "status": "accepted"}, path
+        assert again.json() == {"event_id": body["event_id"], "status": "duplicate"}, path
+        assert await _count(session, model) == 1, path
+        audit = await session.scalar(
+            select(IngestEvent).where(IngestEvent.event_id == body["event_id"])
+        )
+        assert audit is not None
+        assert (audit.status, audit.account_external_id) == (
+            "accepted",
+            body["account_external_id"],
+        )
+        assert audit.payload == {"type": path.removeprefix("/v1/").removesuffix("s"), **body}
+
+    rows = await session.execute(select(Account.external_id, Account.id))
+    accounts = {external_id: account_id for external_id, account_id in rows}
+    assert set(accounts) == {"A-1", "A-2", "A-3", "A-4"}
+    marked = await session.execute(select(DirtyAccount.account_id, DirtyAccount.seq))
+    marks = {account_id: seq for account_id, seq in marked}
+    assert marks == {account_id: 1 for account_id in accounts.values()}
+    queued = await redis.zrange(settings.queue_name, 0, -1)
+    assert sorted(queued) == sorted(rescore_job_id(i).encode() for i in accounts.values())
+
+
+async def test_order_of_a_subsidiary_marks_its_group_dirty(
+    client: httpx.AsyncClient, admin_headers: dict[str, str], session: AsyncSession
+) -> None:
+    body = factories.account("Acme Nord", parent_external_id="G-1")
+    await client.put("/v1/accounts/A-1", json=body, headers=admin_headers)
+    await session.execute(delete(DirtyAccount))
+    await session.commit()
+
+    response = await client.post("/v1/orders", json=factories.order("A-1"), headers=admin_headers)
+    assert response.json()["status"] == "accepted"
+    dirty = set(await session.scalars(select(Account.external_id).join(DirtyAccount)))
+    assert dirty == {"A-1", "G-1"}
+
+
+async def test_stale_single_payment_changes_nothing_but_its_audit_record(
+    client: httpx.AsyncClient, admin_headers: dict[str, str], session: AsyncSession
+) -> None:
+    newer = factories.payment("A-1", invoice_external_id="INV-1", version=2, paid_at=None)
+    older = factories.payment("A-1", invoice_external_id="INV-1", version=1)
+    await client.post("/v1/payments", json=newer, headers=admin_headers)
+    await session.execute(delete(DirtyAccount))
+    await session.commit()
+
+    late = await client.post("/v1/payments", json=older, headers=admin_headers)
+    assert late.json()["status"] == "stale"
+    assert await session.scalar(select(Payment.paid_at)) is None
+    assert await _count(session, DirtyAccount) == 0  # nothing changed: no rescore
+    audit = await session.scalar(
+        select(IngestEvent.status).where(IngestEvent.event_id == older["event_id"])
+    )
+    assert audit == "stale"
+
+
+async def test_account_created_by_another_transaction_meanwhile(
+    client: httpx.AsyncClient,
+    admin_headers: dict[str, str],
+    session: AsyncSession,
+    database_url: str,
+) -> None:
+    """An order for an unseen account while another transaction creates that account: the
+    order's statement waits for it, then cannot see the row it waited for (its snapshot is
+    older) and must still find the account, store the order once and mark the account."""
+    await client.get("/v1/accounts", headers=admin_headers)  # the key is verified and cached
+    other = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        creating = other.transaction()
+        await creating.start()
+        await other.execute("INSERT INTO accounts (external_id) VALUES ('A-1')")
+        body = factories.order("A-1", external_id="SO-1")
+        posting = asyncio.create_task(client.post("/v1/orders", json=body, headers=admin_headers))
+        for _ in range(500):
+            waiting = await other.fetchval(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            )
+            if waiting or posting.done():
+                break
+            await asyncio.sleep(0.01)
+        assert waiting == 1, "the order's statement should wait for the account's insert"
+        await creating.commit()
+        response = await posting
+    finally:
+        await other.close()
+
+    assert response.json() == {"event_id": body["event_id"], "status": "accepted"}
+    account_id = await session.scalar(select(Account.id).where(Account.external_id == "A-1"))
+    assert await _count(session, Account) == 1
+    assert await session.scalar(select(Order.account_id)) == account_id
+    assert await session.scalar(select(DirtyAccount.account_id)) == account_id
+    assert await session.scalar(select(IngestEvent.status)) == "accepted"

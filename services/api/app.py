@@ -52,7 +52,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.engine = create_engine(settings)
+        # No pre-ping: it would cost three round trips per request. A connection that died in
+        # the pool fails its request with a 503 and takes the pool's older connections with it.
+        app.state.engine = create_engine(settings, pre_ping=False)
         app.state.sessionmaker = create_sessionmaker(app.state.engine)
         app.state.redis = create_redis(settings)
         try:

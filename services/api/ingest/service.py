@@ -116,6 +116,12 @@ async def ingest_events(
     if not first_index:
         return statuses
 
+    if len(events) == 1 and (upsert := _one_statement(events[0])) is not None:
+        event = events[0]
+        assert not isinstance(event, AccountEvent | ManagerEvent)
+        payload = payloads[0] if payloads is not None else None
+        return [await _ingest_one(session, upsert, event, payload, api_key_id)]
+
     new_ids = await _insert_raw_events(session, events, payloads, first_index, api_key_id)
     fresh = sorted(
         (_Fresh(first_index[eid], events[first_index[eid]]) for eid in new_ids),
@@ -123,7 +129,14 @@ async def ingest_events(
     )
     if not fresh:
         return statuses
+    await _apply_fresh(session, fresh, statuses)
+    return statuses
 
+
+async def _apply_fresh(
+    session: AsyncSession, fresh: list[_Fresh], statuses: list[ItemStatus]
+) -> None:
+    """Apply the events whose raw record was just stored, setting their statuses."""
     account_ids = await _ensure_accounts(session, fresh)
     manager_ids = await _ensure_managers(session, fresh)
     applied: set[int] = set()
@@ -144,14 +157,12 @@ async def ingest_events(
             statuses[f.index] = ItemStatus.stale
             stale_ids.append(f.event.event_id)
     if stale_ids:
-        await _rows(
-            session,
-            "UPDATE ingest_events SET status = 'stale' WHERE event_id = ANY($1::text[])",
-            stale_ids,
-        )
+        await _rows(session, _MARK_STALE, stale_ids)
     if touched:
         await mark_dirty(session, touched)
-    return statuses
+
+
+_MARK_STALE = "UPDATE ingest_events SET status = 'stale' WHERE event_id = ANY($1::text[])"
 
 
 # ``xmax = 0`` tells a freshly inserted row from one the ON CONFLICT branch updated.
@@ -192,6 +203,16 @@ RETURNING event_id
 """
 
 
+def _raw_json(event: AnyEvent, payload: Mapping[str, Any] | None) -> str:
+    """The audit record of an event: as received, or else its typed model dumped."""
+    if payload is None:
+        payload = {
+            "type": event_type(event).value,
+            **event.model_dump(mode="json", exclude_unset=True),
+        }
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+
+
 async def _insert_raw_events(
     session: AsyncSession,
     events: Sequence[AnyEvent],
@@ -205,16 +226,10 @@ async def _insert_raw_events(
     bodies: list[str] = []
     for event_id, index in first_index.items():
         event = events[index]
-        kind = event_type(event)
-        payload = (
-            payloads[index]
-            if payloads is not None
-            else {"type": kind.value, **event.model_dump(mode="json", exclude_unset=True)}
-        )
         event_ids.append(event_id)
-        types.append(kind.value)
+        types.append(event_type(event).value)
         accounts.append(account_ref(event))
-        bodies.append(json.dumps(payload, separators=(",", ":"), ensure_ascii=False))
+        bodies.append(_raw_json(event, payloads[index] if payloads is not None else None))
     rows = await _rows(session, _INSERT_RAW, event_ids, types, accounts, bodies, api_key_id)
     return [row[0] for row in rows]
 
@@ -314,17 +329,87 @@ class _Upsert:
         select = ", ".join(
             f"{name}::jsonb" if pg_type == "jsonb" else name for name, pg_type in self.columns
         )
-        updates = ", ".join(f"{name} = EXCLUDED.{name}" for name in names if name != self.key)
-        guard = f"{self.table}.source_version < EXCLUDED.source_version"
-        if self.stubs:
-            guard = f"{self.table}.source_version IS NULL OR {guard}"
         return f"""
 INSERT INTO {self.table} ({", ".join(names)})
 SELECT {select} FROM unnest({arrays}) AS u({", ".join(names)})
 ORDER BY {self.key}
-ON CONFLICT ({self.key}) DO UPDATE SET {updates}, updated_at = now()
-WHERE {guard}
+{self._on_conflict}
 RETURNING {self.key}
+"""  # noqa: S608 - names are this module's constants; values travel as $n parameters
+
+    @property
+    def _on_conflict(self) -> str:
+        updates = ", ".join(
+            f"{name} = EXCLUDED.{name}" for name, _ in self.columns if name != self.key
+        )
+        guard = f"{self.table}.source_version < EXCLUDED.source_version"
+        if self.stubs:
+            guard = f"{self.table}.source_version IS NULL OR {guard}"
+        return (
+            f"ON CONFLICT ({self.key}) DO UPDATE SET {updates}, updated_at = now()\nWHERE {guard}"
+        )
+
+    @cached_property
+    def one_event_sql(self) -> str:
+        """All of one event that names an account and nothing else, in one statement: the raw
+        record ($1-$5), the account (a stub if unseen), the version-guarded upsert of the
+        entity (its columns but ``account_id`` from $6 on) and the dirty marks.
+
+        Every part runs on the statement's one snapshot, which decides two things. The raw
+        insert gates the rest, so a duplicate changes nothing. And an account committed by
+        another transaction after that snapshot was taken is seen by neither half of
+        ``account`` (ON CONFLICT skips it, the SELECT cannot see it): ``account_id`` then
+        comes back NULL, nothing but the raw record was written, and the caller finishes the
+        event with statements of their own.
+        """
+        numbers = iter(range(6, len(self.columns) + 6))
+        values = ", ".join(
+            "account.id"
+            if name == "account_id"
+            else f"${next(numbers)}::{'text::jsonb' if pg_type == 'jsonb' else pg_type}"
+            for name, pg_type in self.columns
+        )
+        names = ", ".join(name for name, _ in self.columns)
+        return f"""
+WITH raw AS (
+    INSERT INTO ingest_events (event_id, type, account_external_id, status, payload, api_key_id)
+    VALUES ($1::text, $2::text, $3::text, 'accepted', $4::text::jsonb, $5::bigint)
+    ON CONFLICT (event_id) DO NOTHING
+    RETURNING event_id
+),
+stub AS (
+    INSERT INTO accounts (external_id)
+    SELECT $3::text FROM raw
+    ON CONFLICT (external_id) DO NOTHING
+    RETURNING id, parent_id
+),
+account AS (
+    SELECT id, parent_id FROM stub
+    UNION ALL
+    SELECT id, parent_id FROM accounts WHERE external_id = $3::text AND EXISTS (SELECT FROM raw)
+),
+applied AS (
+    INSERT INTO {self.table} ({names})
+    SELECT {values} FROM account
+    {self._on_conflict}
+    RETURNING account_id
+),
+dirty AS (
+    INSERT INTO dirty_accounts (account_id)
+    SELECT id FROM (
+        SELECT account_id AS id FROM applied
+        UNION
+        SELECT account.parent_id FROM account, applied WHERE account.parent_id IS NOT NULL
+    ) AS target
+    ORDER BY id
+    ON CONFLICT (account_id) DO UPDATE SET seq = dirty_accounts.seq + 1
+    RETURNING account_id, xmax = 0 AS inserted
+)
+SELECT
+    EXISTS (SELECT FROM raw) AS fresh,
+    (SELECT id FROM account) AS account_id,
+    EXISTS (SELECT FROM applied) AS applied,
+    ARRAY(SELECT account_id FROM dirty WHERE inserted) AS newly_dirty
 """  # noqa: S608 - names are this module's constants; values travel as $n parameters
 
 
@@ -530,3 +615,52 @@ async def _apply(
     columns = [list(column) for column in zip(*rows, strict=True)]
     applied_keys = {row[0] for row in await _rows(session, upsert.sql, *columns)}
     return {f.index for f in winners if entity_key(f.event) in applied_keys}
+
+
+def _one_statement(event: AnyEvent) -> _Upsert | None:
+    """The upsert of an event that names its account and nothing else (no parent, manager or
+    contact to resolve): such an event is applied by one statement."""
+    if isinstance(event, AccountEvent | ManagerEvent):
+        return None
+    if isinstance(event, InteractionData) and event.contact_external_id:
+        return None
+    return _UPSERTS[event_type(event)]
+
+
+async def _ingest_one(
+    session: AsyncSession,
+    upsert: _Upsert,
+    event: OrderData | ContactData | InteractionData | PaymentData,
+    payload: Mapping[str, Any] | None,
+    api_key_id: int | None,
+) -> ItemStatus:
+    """``ingest_events`` for one event that ``_one_statement`` takes: one round trip, where
+    the general path needs four."""
+    account = event.account_external_id
+    # The account's id is the statement's to find: a placeholder fills its place in the row.
+    row = upsert.rows(event, {account: 0}, {}, {})
+    values = [v for (name, _), v in zip(upsert.columns, row, strict=True) if name != "account_id"]
+    [(fresh, account_id, applied, newly_dirty)] = await _rows(
+        session,
+        upsert.one_event_sql,
+        event.event_id,
+        event_type(event).value,
+        account,
+        _raw_json(event, payload),
+        api_key_id,
+        *values,
+    )
+    if not fresh:
+        return ItemStatus.duplicate
+    if account_id is None:
+        # Another transaction created the account just now (see ``one_event_sql``).
+        statuses = [ItemStatus.accepted]
+        await _apply_fresh(session, [_Fresh(0, event)], statuses)
+        return statuses[0]
+    if newly_dirty:
+        rescore: set[int] = session.info.setdefault(RESCORE_AFTER_COMMIT, set())
+        rescore.update(newly_dirty)
+    if applied:
+        return ItemStatus.accepted
+    await _rows(session, _MARK_STALE, [event.event_id])
+    return ItemStatus.stale
