@@ -686,6 +686,9 @@ class LatencyResult:
     missing: int
     failures: list[str] = field(default_factory=list)
     worker_peak_rss_mib: float = 0.0
+    # The slowest events and what came before them on the same account (for the report).
+    slowest: list[dict[str, Any]] = field(default_factory=list)
+    over_target: int = 0
 
 
 class SnapshotWatcher:
@@ -745,15 +748,17 @@ class SnapshotWatcher:
         return None
 
 
-def order_body(index: int, account: int, ordered_at: float, rng: random.Random) -> bytes:
+def order_body(
+    run_tag: str, index: int, account: int, ordered_at: float, rng: random.Random
+) -> bytes:
     cents = rng.randrange(5_000, 500_000)
     category = rng.choice(CATEGORIES)
     stamp = datetime.fromtimestamp(ordered_at, UTC).isoformat(timespec="milliseconds")
     return json.dumps(
         {
-            "event_id": f"bench-score-{index}",
+            "event_id": f"bench-score-{run_tag}-{index}",
             "version": 1,
-            "external_id": f"BE-{index}",
+            "external_id": f"BE-{run_tag}-{index}",
             "account_external_id": f"BA-{account:06d}",
             "ordered_at": stamp.replace("+00:00", "Z"),
             "amount": f"{cents / 100:.2f}",
@@ -775,7 +780,9 @@ async def stream_events(
     first_index: int,
     rng: random.Random,
 ) -> list[SentEvent]:
-    """POST single orders at a steady rate, open loop (a slow answer does not delay the next)."""
+    """POST single orders at a steady rate, open loop (a slow answer does not delay the next).
+    Ids carry the run's start time: a rerun on kept data must not send duplicates."""
+    run_tag = f"{int(time.time())}"
     headers = {"authorization": f"Bearer {api_key}", "content-type": "application/json"}
     count = max(1, round(rate * seconds))
     events: list[SentEvent] = []
@@ -787,6 +794,8 @@ async def stream_events(
             try:
                 response = await client.post("/v1/orders", content=body, headers=headers)
                 event.status = response.status_code
+                if event.status == 202 and response.json().get("status") != "accepted":
+                    event.status = -2  # stored before, or stale: it would rescore nothing
             except httpx.HTTPError:
                 event.status = -1
             event.accepted_at = time.time()
@@ -801,7 +810,7 @@ async def stream_events(
             ordered_at = round(time.time(), 3)
             event = SentEvent(account_id=account, ordered_at=ordered_at, sent_at=0.0)
             events.append(event)
-            body = order_body(first_index + i, account, ordered_at, rng)
+            body = order_body(run_tag, first_index + i, account, ordered_at, rng)
             tasks.append(asyncio.create_task(send(event, body)))
         await asyncio.gather(*tasks)
     return events
@@ -866,17 +875,36 @@ async def measure_latency(
         watcher.stop()
         await watching
 
-    failures = [f"event {i}: HTTP {e.status}" for i, e in enumerate(events) if e.status != 202]
+    failures = [
+        f"event {i}: " + ("not accepted as new" if e.status == -2 else f"HTTP {e.status}")
+        for i, e in enumerate(events)
+        if e.status != 202
+    ]
     latencies, rescore_started, accept = [], [], []
+    timed: list[dict[str, Any]] = []
+    previous_on_account: dict[int, float] = {}
     missing = 0
-    for event in events:
+    for index, event in enumerate(events):
         accept.append(event.accepted_at - event.sent_at)
+        before = previous_on_account.get(event.account_id)
+        previous_on_account[event.account_id] = event.accepted_at
         snapshot = watcher.first_counting(event)
         if snapshot is None:
             missing += 1
             continue
         latencies.append(snapshot.seen_at - event.accepted_at)
         rescore_started.append(snapshot.computed_at - event.accepted_at)
+        timed.append(
+            {
+                "event": index,
+                "account_id": event.account_id,
+                "latency_s": latencies[-1],
+                "previous_event_on_account_s_before": (
+                    None if before is None else event.accepted_at - before
+                ),
+            }
+        )
+    slowest = sorted(timed, key=lambda t: -float(t["latency_s"]))[:5]
     return LatencyResult(
         events=len(events),
         rate_per_s=len(events) / seconds if seconds else 0.0,
@@ -885,6 +913,8 @@ async def measure_latency(
         started_s=rescore_started,
         accept_s=accept,
         missing=missing,
+        slowest=slowest,
+        over_target=sum(1 for v in latencies if v >= P95_TARGET_S),
         failures=failures,
         worker_peak_rss_mib=worker.peak_rss_mib(),
     )
@@ -918,6 +948,12 @@ class Results:
     passes: list[PassRun] = field(default_factory=list)
     latency: LatencyResult | None = None
     debounce_s: float = 0.0
+    # The machine's 1-minute load average as each measurement began: other work on the two
+    # cores (another benchmark, a build) shows here and in every figure.
+    load: dict[str, float] = field(default_factory=dict)
+
+    def note_load(self, phase: str) -> None:
+        self.load[phase] = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
 
     @property
     def ceiling(self) -> float:
@@ -1073,6 +1109,16 @@ def render_details(results: Results) -> str:
                 f"{quantile(latency.accept_s, 0.5) * 1000:.0f} ms, p95 "
                 f"{quantile(latency.accept_s, 0.95) * 1000:.0f} ms"
             )
+        lines.append(
+            f"  events over {P95_TARGET_S:g} s: {latency.over_target}; slowest (latency, account, "
+            "previous event on the same account):"
+        )
+        for t in latency.slowest:
+            before = t["previous_event_on_account_s_before"]
+            previous = "none in this run" if before is None else f"{before:.2f} s earlier"
+            lines.append(
+                f"    {t['latency_s']:7.3f} s  account {t['account_id']:>6}  previous: {previous}"
+            )
     return "\n".join(lines)
 
 
@@ -1118,6 +1164,8 @@ def results_json(
             "rescore_start_p50_s": quantile(latency.started_s, 0.5),
             "accept_p50_s": quantile(latency.accept_s, 0.5),
             "worker_peak_rss_mib": latency.worker_peak_rss_mib,
+            "over_target": latency.over_target,
+            "slowest": latency.slowest,
             "failures": latency.failures[:20],
         },
         "table": [asdict(r) for r in table_rows(results)],
@@ -1243,10 +1291,12 @@ def run(args: argparse.Namespace) -> int:
         results.shape = asyncio.run(portfolio_shape(urls.asyncpg_dsn))
         accounts = int(results.shape["accounts"])
 
+        results.note_load("ceiling")
         print(f"bare aggregate: warm-up + {args.ceiling_runs} runs", flush=True)
         results.ceiling_s = asyncio.run(measure_ceiling(urls.asyncpg_dsn, args.ceiling_runs))
         print(f"  median {results.ceiling:.2f}s", flush=True)
 
+        results.note_load("pass")
         pass_log = log_dir / "score-pass.log"
         pass_log.write_bytes(b"")
         for index in range(args.pass_runs):
@@ -1263,6 +1313,7 @@ def run(args: argparse.Namespace) -> int:
             .strip()
             .splitlines()[-1]
         )
+        results.note_load("events")
         print("event to snapshot: API and scorer worker", flush=True)
         with ExitStack() as stack:
             api = stack.enter_context(
@@ -1280,7 +1331,9 @@ def run(args: argparse.Namespace) -> int:
     except BenchError as exc:
         failures.append(str(exc))
 
+    results.note_load("end")
     environment = {
+        "load_average_1min": results.load,
         "cpus": os.cpu_count(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
@@ -1294,6 +1347,8 @@ def run(args: argparse.Namespace) -> int:
     print(render_table(table_rows(results)))
     print()
     print(render_details(results))
+    loads = ", ".join(f"{phase} {value:.1f}" for phase, value in results.load.items())
+    print(f"load average (1 min) as each part began, {os.cpu_count()} CPUs: {loads}")
     for failure in failures:
         print(f"\nERROR: {failure}", file=sys.stderr)
     print(f"\nresults: {args.output} ({report['seconds']:.0f}s)")
