@@ -982,7 +982,7 @@ class Row:
     met: bool | None = None
 
 
-def table_rows(results: Results) -> list[Row]:
+def table_rows(results: Results, settle_s: float = 30.0) -> list[Row]:
     rows: list[Row] = []
     ceiling = results.ceiling
     if results.ceiling_s:
@@ -1030,7 +1030,7 @@ def table_rows(results: Results) -> list[Row]:
             ),
             Row("event to snapshot max", f"{worst:.3f} s", floor, vs_floor(worst)),
             Row(
-                "events without a snapshot",
+                f"events without a snapshot ({settle_s:g} s after)",
                 f"{latency.missing} of {latency.events:,}",
                 target="0",
                 met=latency.missing == 0,
@@ -1168,7 +1168,7 @@ def results_json(
             "slowest": latency.slowest,
             "failures": latency.failures[:20],
         },
-        "table": [asdict(r) for r in table_rows(results)],
+        "table": [asdict(r) for r in table_rows(results, args.settle_seconds)],
         "failures": failures,
         "ok": not failures,
     }
@@ -1344,7 +1344,7 @@ def run(args: argparse.Namespace) -> int:
 
     print()
     print(f"Postgres {postgres_version}; {os.cpu_count()} CPUs; Python {environment['python']}")
-    print(render_table(table_rows(results)))
+    print(render_table(table_rows(results, args.settle_seconds)))
     print()
     print(render_details(results))
     loads = ", ".join(f"{phase} {value:.1f}" for phase, value in results.load.items())
