@@ -124,6 +124,8 @@ class Account(Base):
     # many consecutive evaluations have pointed below it.
     computed_tier: Mapped[str | None] = mapped_column(String(16))
     tier_demotion_count: Mapped[int] = mapped_column(SmallInteger, server_default=text("0"))
+    # When the last score snapshot was written (the portfolio pass skips unchanged accounts).
+    snapshot_at: Mapped[datetime | None]
 
     source_version: Mapped[int | None] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = _created()

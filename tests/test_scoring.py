@@ -109,17 +109,25 @@ async def test_a_second_pass_writes_history_but_no_tier_change(
 ) -> None:
     await send(client, admin_headers, [*ordinary_accounts(30), STAR], NOW)
     await run_portfolio_pass(sessionmaker, now=NOW)
+    # an hour later nothing a reader would notice has moved: scores are refreshed on the
+    # account, but the history gets no new snapshot
     await run_portfolio_pass(sessionmaker, now=NOW + timedelta(hours=1))
-
     star = await _account(session, "STAR")
-    snapshots = await session.scalar(
-        select(func.count()).select_from(ScoreSnapshot).where(ScoreSnapshot.account_id == star.id)
+    star_id = star.id
+    assert star.scored_at == NOW + timedelta(hours=1)
+    count_star = (
+        select(func.count()).select_from(ScoreSnapshot).where(ScoreSnapshot.account_id == star_id)
     )
-    assert snapshots == 2
+    assert await session.scalar(count_star) == 1
+    # a day on, every account gets its daily snapshot, changed or not
+    await run_portfolio_pass(sessionmaker, now=NOW + timedelta(hours=25))
+    star = await _account(session, "STAR")
+    assert await session.scalar(count_star) == 2
+    assert await session.scalar(select(func.count()).select_from(ScoreSnapshot)) == 2 * 31
     assert star.tier_change_seq == 1
-    assert await session.scalar(select(func.count()).select_from(PopulationFit)) == 2
+    assert await session.scalar(select(func.count()).select_from(PopulationFit)) == 3
     version, _ = await active_policy(session)
-    assert (await _latest_snapshot(session, star.id)).policy_version == version
+    assert (await _latest_snapshot(session, star_id)).policy_version == version
 
 
 async def test_a_tier_is_held_through_noise_and_demoted_after_consecutive_evaluations(
@@ -416,6 +424,16 @@ async def test_the_risk_is_calibrated_on_a_history_from_a_known_process(
     scores = calibration["held_out_brier"]
     assert set(scores) == {"policy", "calibrated", "learned"}
     assert scores[calibration["method"]] <= scores["policy"]
+
+    # the replay is redone daily, not on every pass
+    await run_portfolio_pass(sessionmaker, now=NOW + timedelta(hours=1))
+    await run_portfolio_pass(sessionmaker, now=NOW + timedelta(hours=25))
+    cutoffs = [
+        facts["calibration"]["cutoff"]
+        for facts in await session.scalars(select(PopulationFit.facts).order_by(PopulationFit.id))
+    ]
+    assert cutoffs[0] == cutoffs[1]
+    assert cutoffs[2] != cutoffs[1]
 
 
 async def test_a_portfolio_pass_on_demand_runs_in_the_worker(

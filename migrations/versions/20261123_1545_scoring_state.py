@@ -1,4 +1,5 @@
-"""scoring state: the computed tier and its demotion count, for hysteresis under overrides
+"""scoring state: the computed tier and its demotion count (hysteresis under overrides), and
+when the last snapshot was written
 
 Revision ID: 7c1d5e9a0b42
 Revises: 4e8a342a2237
@@ -25,7 +26,10 @@ def upgrade() -> None:
         ),
     )
 
+    op.add_column("accounts", sa.Column("snapshot_at", sa.DateTime(timezone=True), nullable=True))
+
 
 def downgrade() -> None:
+    op.drop_column("accounts", "snapshot_at")
     op.drop_column("accounts", "tier_demotion_count")
     op.drop_column("accounts", "computed_tier")

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -45,20 +45,20 @@ o AS (
     SELECT
         o.account_id,
         sum(o.amount) FILTER (
-            WHERE o.ordered_at > $1::timestamptz - interval '365 days'
+            WHERE o.ordered_at > $2::timestamptz
         ) AS revenue_12m,
         sum(o.amount) FILTER (
-            WHERE o.ordered_at > $1::timestamptz - interval '365 days' AND o.cost IS NOT NULL
+            WHERE o.ordered_at > $2::timestamptz AND o.cost IS NOT NULL
         ) AS costed_revenue_12m,
         sum(o.amount - o.cost) FILTER (
-            WHERE o.ordered_at > $1::timestamptz - interval '365 days' AND o.cost IS NOT NULL
+            WHERE o.ordered_at > $2::timestamptz AND o.cost IS NOT NULL
         ) AS costed_profit_12m,
         sum(o.amount) FILTER (
-            WHERE o.ordered_at <= $1::timestamptz - interval '365 days'
-              AND o.ordered_at > $1::timestamptz - interval '730 days'
+            WHERE o.ordered_at <= $2::timestamptz
+              AND o.ordered_at > $3::timestamptz
         ) AS revenue_prev_12m,
-        count(*) FILTER (WHERE o.ordered_at > $1::timestamptz - interval '365 days') AS orders_12m,
-        count(*) FILTER (WHERE o.ordered_at > $1::timestamptz - interval '90 days') AS orders_90d,
+        count(*) FILTER (WHERE o.ordered_at > $2::timestamptz) AS orders_12m,
+        count(*) FILTER (WHERE o.ordered_at > $4::timestamptz) AS orders_90d,
         min(o.ordered_at) AS first_order_at,
         max(o.ordered_at) AS last_order_at,
         count(DISTINCT (o.ordered_at AT TIME ZONE 'UTC')::date) AS order_days
@@ -70,7 +70,7 @@ cat AS (
     SELECT o.account_id, count(DISTINCT line ->> 'category') AS categories_12m
     FROM orders o CROSS JOIN LATERAL jsonb_array_elements(o.lines) AS line
     WHERE o.status = 'placed' AND o.ordered_at <= $1
-      AND o.ordered_at > $1::timestamptz - interval '365 days' {order_filter}
+      AND o.ordered_at > $2::timestamptz {order_filter}
     GROUP BY o.account_id
 ),
 p AS (
@@ -85,7 +85,7 @@ p AS (
         ) / 86400.0 AS avg_days_late
     FROM payments p
     WHERE p.due_at <= $1::timestamptz
-      AND p.due_at > $1::timestamptz - interval '365 days' {payment_filter}
+      AND p.due_at > $2::timestamptz {payment_filter}
     GROUP BY p.account_id
 ),
 i AS (
@@ -93,7 +93,7 @@ i AS (
         i.account_id,
         max(i.occurred_at) AS last_interaction_at,
         count(*) FILTER (
-            WHERE i.kind = 'complaint' AND i.occurred_at > $1::timestamptz - interval '180 days'
+            WHERE i.kind = 'complaint' AND i.occurred_at > $5::timestamptz
         ) AS complaints_180d
     FROM interactions i
     WHERE i.occurred_at <= $1::timestamptz {interaction_filter}
@@ -164,8 +164,8 @@ def _statement(*, filtered: bool) -> str:
     # A rescore of a group account needs its subsidiaries' figures for the roll-up.
     in_target = "IN (SELECT id FROM target)"
     return _SQL.format(
-        account_filter="WHERE a.id = ANY($2::bigint[])",
-        child_filter="WHERE c.parent_id = ANY($2::bigint[])",
+        account_filter="WHERE a.id = ANY($6::bigint[])",
+        child_filter="WHERE c.parent_id = ANY($6::bigint[])",
         order_filter=f"AND o.account_id {in_target}",
         payment_filter=f"AND p.account_id {in_target}",
         interaction_filter=f"AND i.account_id {in_target}",
@@ -271,10 +271,15 @@ async def load_features(
     interactions; Python receives one row per account, never the orders themselves.
     """
     connection = await session.connection()
+    # The window bounds go in as values: an expression like ``$1 - interval '365 days'`` would
+    # be evaluated again for every order row of every filter.
+    bounds = tuple(as_of - timedelta(days=days) for days in (365, 730, 90, 180))
     if account_ids is None:
-        result = await connection.exec_driver_sql(ALL_ACCOUNTS_SQL, (as_of,))
+        # JIT compilation costs more than it saves on this statement (measured on 5M orders).
+        await connection.exec_driver_sql("SET LOCAL jit = off")
+        result = await connection.exec_driver_sql(ALL_ACCOUNTS_SQL, (as_of, *bounds))
     else:
-        result = await connection.exec_driver_sql(SOME_ACCOUNTS_SQL, (as_of, account_ids))
+        result = await connection.exec_driver_sql(SOME_ACCOUNTS_SQL, (as_of, *bounds, account_ids))
     rows = list(result.all())
     return build_feature_table(rows, as_of=as_of)
 

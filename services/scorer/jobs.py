@@ -56,6 +56,17 @@ async def rescore_account(ctx: dict[str, Any], account_id: int) -> bool:
         await rescore_accounts(session, account_ids=[account_id])
         cleared = await clear_dirty_mark(session, account_id=account_id, seen_seq=seen_seq)
     log.info("account_rescored", account_id=account_id, cleared=cleared)
+    if cleared:
+        # An event that commits between our commit and arq finishing this job finds the account
+        # clean, marks it and asks for a job, which arq refuses: this job id is still taken.
+        # Look once more, so that event waits for one debounce rather than for the sweeper.
+        async with ctx["sessionmaker"]() as session:
+            cleared = (
+                await session.scalar(
+                    select(DirtyAccount.seq).where(DirtyAccount.account_id == account_id)
+                )
+                is None
+            )
     if not cleared:
         # Events arrived while this ran. They found the account already dirty and asked for no
         # job of their own, so run again (same job id) rather than wait for the sweeper.

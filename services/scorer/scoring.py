@@ -64,6 +64,11 @@ from shared.schemas import BandMove, PolicyPreview, TierMove
 log = structlog.get_logger(__name__)
 
 PASS_CHUNK = 1000
+REPLAY_EVERY = timedelta(hours=24)
+# The pass writes a snapshot when something a reader would notice moved, and at least daily.
+SNAPSHOT_EVERY = timedelta(hours=24)
+SNAPSHOT_SCORE_STEP = 1.0
+SNAPSHOT_RISK_STEP = 0.02
 PORTFOLIO_PASS_LOCK = 2
 FIRST_POPULATION_LOCK = 3
 # An uninformed but plausible purchase process (an order every ~45 days, ~8% chance of dropping
@@ -124,6 +129,7 @@ class Calibration(_Facts):
     held_out_brier: dict[str, float] = {}
     deciles: list[dict[str, float | int]] = []
     reason: str | None = None
+    weights_basis: dict[str, float] | None = None  # the policy's signal weights replayed
 
     def applies(self, horizon_days: int, fitted_for: int) -> bool:
         return self.used and horizon_days == fitted_for
@@ -337,10 +343,26 @@ async def fit_population(
     horizon_days = policy.risk.horizon_days
     first_order_age = table.columns["T"][table.has_orders]
     history_days = float(first_order_age.max()) if first_order_age.size else 0.0
-    if history_days > 2 * horizon_days:
+    weights_basis = policy.risk.signal_weights.model_dump()
+    reusable = (
+        previous is not None
+        and previous.calibration.cutoff is not None
+        and previous.horizon_days == horizon_days
+        and previous.calibration.weights_basis == weights_basis
+        and previous.calibration.cutoff + timedelta(days=horizon_days) > table.as_of - REPLAY_EVERY
+    )
+    if history_days > 2 * horizon_days and reusable:
+        # The replay looks a horizon back; an hour more of history changes little, and it costs
+        # a second full feature aggregation. It is redone daily, or when the policy's risk
+        # settings change.
+        assert previous is not None
+        calibration = previous.calibration
+    elif history_days > 2 * horizon_days:
         cutoff = table.as_of - timedelta(days=horizon_days)
         then = await load_features(session, as_of=cutoff)
-        calibration = _replay_calibration(then, table, policy, previous_params)
+        calibration = _replay_calibration(then, table, policy, previous_params).model_copy(
+            update={"weights_basis": weights_basis}
+        )
     else:
         calibration = Calibration(
             used=False, reason=f"history covers {history_days:.0f} days, under two horizons"
@@ -376,6 +398,25 @@ class AccountState:
     override_expires_at: list[datetime | None]
     risk_band: list[str | None]
     tier_change_seq: list[int]
+    value_score: FloatArray
+    risk_probability: FloatArray
+    snapshot_at: list[datetime | None]
+
+    def take(self, mask: np.ndarray[Any, np.dtype[np.bool_]]) -> AccountState:
+        picks = np.flatnonzero(mask)
+        return AccountState(
+            tier=[self.tier[i] for i in picks],
+            computed_tier=[self.computed_tier[i] for i in picks],
+            demotion_count=self.demotion_count[mask],
+            override_tier=[self.override_tier[i] for i in picks],
+            override_reason=[self.override_reason[i] for i in picks],
+            override_expires_at=[self.override_expires_at[i] for i in picks],
+            risk_band=[self.risk_band[i] for i in picks],
+            tier_change_seq=[self.tier_change_seq[i] for i in picks],
+            value_score=self.value_score[mask],
+            risk_probability=self.risk_probability[mask],
+            snapshot_at=[self.snapshot_at[i] for i in picks],
+        )
 
 
 @dataclass(frozen=True)
@@ -391,6 +432,29 @@ class Evaluation:
     band: list[str | None]
     override_expired: np.ndarray[Any, np.dtype[np.bool_]]
     drivers: list[dict[str, Any]] | None
+
+    def needs_snapshot(
+        self, state: AccountState, now: datetime
+    ) -> np.ndarray[Any, np.dtype[np.bool_]]:
+        """Which accounts' results a reader of the history would notice: a new tier or band,
+        the score or the risk moved by a step, a demotion held back by hysteresis, an override
+        ended, or no snapshot for a day."""
+        with np.errstate(invalid="ignore"):
+            score_moved = ~(np.abs(self.score - state.value_score) < SNAPSHOT_SCORE_STEP)
+            risk_moved = ~(np.abs(self.risk - state.risk_probability) < SNAPSHOT_RISK_STEP)
+        risk_moved &= ~(np.isnan(self.risk) & np.isnan(state.risk_probability))
+        other = np.array(
+            [
+                last is None
+                or last <= now - SNAPSHOT_EVERY
+                or state.tier[i] != self.tier[i]
+                or state.risk_band[i] != self.band[i]
+                for i, last in enumerate(state.snapshot_at)
+            ],
+            dtype=np.bool_,
+        )
+        held_longer = self.demotion_count != state.demotion_count  # hysteresis counting
+        return np.asarray(other | score_moved | risk_moved | held_longer | self.override_expired)
 
 
 def evaluate(
@@ -526,7 +590,8 @@ def _drivers(
 
 _LOCK_STATE = """
 SELECT id, tier, computed_tier, tier_demotion_count, tier_override, tier_override_reason,
-       tier_override_expires_at, risk_band, tier_change_seq
+       tier_override_expires_at, risk_band, tier_change_seq, value_score, risk_probability,
+       snapshot_at
 FROM accounts WHERE id = ANY($1::bigint[]) ORDER BY id FOR UPDATE
 """
 
@@ -556,10 +621,11 @@ UPDATE accounts a SET
     tier_override_reason = CASE WHEN u.override_expired THEN NULL
                                 ELSE a.tier_override_reason END,
     tier_override_expires_at = CASE WHEN u.override_expired THEN NULL
-                                    ELSE a.tier_override_expires_at END
+                                    ELSE a.tier_override_expires_at END,
+    snapshot_at = CASE WHEN u.snapshot THEN $2::timestamptz ELSE a.snapshot_at END
 FROM unnest($1::bigint[], $3::text[], $4::text[], $5::smallint[], $6::float8[], $7::float8[],
-            $8::text[], $9::boolean[])
-     AS u(id, tier, computed_tier, demotion_count, score, risk, band, override_expired)
+            $8::text[], $9::boolean[], $10::boolean[])
+     AS u(id, tier, computed_tier, demotion_count, score, risk, band, override_expired, snapshot)
 WHERE a.id = u.id
 """
 
@@ -589,6 +655,13 @@ def _state_for(table: FeatureTable, rows: dict[int, Any]) -> AccountState:
         override_expires_at=[r[6] if r else None for r in ordered],
         risk_band=[r[7] if r else None for r in ordered],
         tier_change_seq=[r[8] if r else 0 for r in ordered],
+        value_score=np.array(
+            [r[9] if r and r[9] is not None else math.nan for r in ordered], dtype=np.float64
+        ),
+        risk_probability=np.array(
+            [r[10] if r and r[10] is not None else math.nan for r in ordered], dtype=np.float64
+        ),
+        snapshot_at=[r[11] if r else None for r in ordered],
     )
 
 
@@ -602,34 +675,39 @@ async def _store(
     table: FeatureTable,
     state: AccountState,
     result: Evaluation,
+    drivers: Sequence[dict[str, Any] | None],
     policy_version: int,
     now: datetime,
 ) -> int:
-    """Write snapshots, account state and tier changes of the evaluated accounts."""
-    assert result.drivers is not None
+    """Write account state for every evaluated account, a snapshot for each that has drivers
+    (``None`` = no snapshot this time), and the tier changes."""
     ids = [int(i) for i in table.account_id]
+    snap = [i for i, d in enumerate(drivers) if d is not None]
     connection = await session.connection()
-    snapshots = await connection.exec_driver_sql(
-        _INSERT_SNAPSHOTS,
-        (
-            ids,
-            now,
-            policy_version,
-            [
-                json.dumps(
-                    table.record(i) | {"profit_share_cum": round(float(result.profit_share[i]), 6)}
-                )
-                for i in range(len(ids))
-            ],
-            [float(s) for s in result.score],
-            result.tier,
-            _nullable(result.risk),
-            result.band,
-            [json.dumps(d) for d in result.drivers],
-        ),
-    )
-    rows: list[Any] = list(snapshots.all())
-    snapshot_of: dict[int, int] = {int(row[1]): int(row[0]) for row in rows}
+    snapshot_of: dict[int, int] = {}
+    if snap:
+        snapshots = await connection.exec_driver_sql(
+            _INSERT_SNAPSHOTS,
+            (
+                [ids[i] for i in snap],
+                now,
+                policy_version,
+                [
+                    json.dumps(
+                        table.record(i)
+                        | {"profit_share_cum": round(float(result.profit_share[i]), 6)}
+                    )
+                    for i in snap
+                ],
+                [float(result.score[i]) for i in snap],
+                [result.tier[i] for i in snap],
+                _nullable(result.risk[snap]),
+                [result.band[i] for i in snap],
+                [json.dumps(drivers[i]) for i in snap],
+            ),
+        )
+        rows: list[Any] = list(snapshots.all())
+        snapshot_of = {int(row[1]): int(row[0]) for row in rows}
     await connection.exec_driver_sql(
         _UPDATE_ACCOUNTS,
         (
@@ -642,9 +720,11 @@ async def _store(
             _nullable(result.risk),
             result.band,
             [bool(e) for e in result.override_expired],
+            [d is not None for d in drivers],
         ),
     )
     changed = [i for i in range(len(ids)) if state.tier[i] != result.tier[i]]
+    assert all(drivers[i] is not None for i in changed), "a tier change always has a snapshot"
     if changed:
         await connection.exec_driver_sql(
             _INSERT_TIER_CHANGES,
@@ -657,15 +737,16 @@ async def _store(
                 [
                     json.dumps(
                         {
-                            "tier": result.drivers[i]["tier"],
+                            "tier": driver["tier"],
                             **{
-                                key: result.drivers[i][key]
+                                key: driver[key]
                                 for key in ("hysteresis", "override", "status")
-                                if key in result.drivers[i]
+                                if key in driver
                             },
                         }
                     )
-                    for i in changed
+                    for driver in (drivers[i] for i in changed)
+                    if driver is not None
                 ],
                 [snapshot_of[ids[i]] for i in changed],
             ),
@@ -716,7 +797,16 @@ async def rescore_accounts(
         return 0
     state = _state_for(table, rows)
     result = evaluate(table, state, population, policy, now=at)
-    await _store(session, table=table, state=state, result=result, policy_version=version, now=at)
+    assert result.drivers is not None
+    await _store(
+        session,
+        table=table,
+        state=state,
+        result=result,
+        drivers=result.drivers,
+        policy_version=version,
+        now=at,
+    )
     return len(table)
 
 
@@ -764,6 +854,7 @@ async def _portfolio_pass(sessionmaker: async_sessionmaker[AsyncSession], *, at:
     active = ~table.lost
     share = cumulative_profit_share(np.where(active, table.columns["gross_profit_12m"], 0.0))
     changes = 0
+    snapshots = 0
     for start in range(0, len(table), PASS_CHUNK):
         chunk = np.zeros(len(table), dtype=np.bool_)
         chunk[start : start + PASS_CHUNK] = True
@@ -776,13 +867,44 @@ async def _portfolio_pass(sessionmaker: async_sessionmaker[AsyncSession], *, at:
             if not len(part):
                 continue
             state = _state_for(part, rows)
-            result = evaluate(part, state, population, policy, now=at, profit_share=part_share)
+            result = evaluate(
+                part,
+                state,
+                population,
+                policy,
+                now=at,
+                profit_share=part_share,
+                with_drivers=False,
+            )
+            # Reasons in words cost more than the scores: only for the snapshots written.
+            wanted = result.needs_snapshot(state, at)
+            drivers: list[dict[str, Any] | None] = [None] * len(part)
+            if wanted.any():
+                explained = evaluate(
+                    part.take(wanted),
+                    state.take(wanted),
+                    population,
+                    policy,
+                    now=at,
+                    profit_share=part_share[wanted],
+                )
+                assert explained.drivers is not None
+                for i, entry in zip(np.flatnonzero(wanted), explained.drivers, strict=True):
+                    drivers[i] = entry
+            snapshots += int(wanted.sum())
             changes += await _store(
-                session, table=part, state=state, result=result, policy_version=version, now=at
+                session,
+                table=part,
+                state=state,
+                result=result,
+                drivers=drivers,
+                policy_version=version,
+                now=at,
             )
     log.info(
         "portfolio_pass_done",
         accounts=len(table),
+        snapshots=snapshots,
         tier_changes=changes,
         retention_model=population.bgnbd_source,
         calibrated=population.calibration.used,
@@ -805,8 +927,8 @@ async def preview_policy(
     state_rows = await session.execute(
         text(
             "SELECT id, tier, computed_tier, tier_demotion_count, tier_override, "
-            "tier_override_reason, tier_override_expires_at, risk_band, tier_change_seq "
-            "FROM accounts ORDER BY id"
+            "tier_override_reason, tier_override_expires_at, risk_band, tier_change_seq, "
+            "value_score, risk_probability, snapshot_at FROM accounts ORDER BY id"
         )
     )
     rows = {row[0]: row for row in state_rows.all()}
