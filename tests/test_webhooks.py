@@ -20,8 +20,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from standardwebhooks import Webhook
 
 from services.api.app import create_app
-from services.scorer.scoring import rescore_accounts
-from services.scorer.webhook_delivery import retry_delay
+from services.scorer.scoring import rescore_accounts, run_portfolio_pass
+from services.scorer.webhook_delivery import (
+    claim_delivery,
+    record_outcome,
+    retry_delay,
+    send_delivery,
+)
+from services.scorer.webhook_events import announced_band_change, announced_tier_change
 from services.scorer.webhook_targets import UnsafeTarget, resolve_target
 from services.scorer.worker import create_worker
 from shared.db import create_sessionmaker
@@ -533,6 +539,80 @@ async def test_tier_changes_from_the_scorer_reach_the_receiver(
     # the account's second tier change, whether or not its first (to standard) was announced
     assert change["data"]["sequence"] == 2
     assert change["data"]["reasons"]["override"]["code"] == "override"
+
+
+async def test_a_risk_band_move_from_the_portfolio_pass_and_a_rescore(
+    client: httpx.AsyncClient,
+    admin_headers: dict[str, str],
+    receiver: Receiver,
+    run_worker: RunWorker,
+    session: AsyncSession,
+    engine: AsyncEngine,
+    redis: ArqRedis,
+) -> None:
+    endpoint = await _register(
+        client, admin_headers, receiver.url, types=("account.risk_band_changed",)
+    )
+    steady = AccountSpec("STEADY", every_days=20, last_days_ago=5)
+    await send(client, admin_headers, [*ordinary_accounts(40), steady], NOW)
+    await redis.flushdb()  # the pass below scores everything; no need for the rescores
+    sessionmaker = create_sessionmaker(engine)
+    await run_portfolio_pass(sessionmaker, now=NOW)
+    # a first band is not a move: nothing to announce
+    assert await session.scalar(select(func.count()).select_from(WebhookEvent)) == 0
+    steady_id = await session.scalar(select(Account.id).where(Account.external_id == "STEADY"))
+    assert steady_id is not None
+    band_before = await session.scalar(select(Account.risk_band).where(Account.id == steady_id))
+
+    async with sessionmaker() as scoring, scoring.begin():
+        await rescore_accounts(scoring, account_ids=[steady_id], now=NOW + timedelta(days=120))
+    await run_worker()
+
+    moves = [
+        p
+        for p in (_verify(endpoint["secret"], r) for r in receiver.requests)
+        if p["data"]["account"]["external_id"] == "STEADY"
+    ]
+    [move] = moves
+    assert move["type"] == "account.risk_band_changed"
+    assert move["data"]["previous_risk_band"] == band_before
+    assert move["data"]["risk_band"] != band_before
+    assert move["data"]["risk_probability"] > 0
+    assert "sequence" not in move["data"]
+
+
+def test_which_changes_are_announced() -> None:
+    assert announced_tier_change(None, "key")
+    assert not announced_tier_change(None, "standard")  # the first pass stays quiet
+    assert announced_tier_change("key", "standard")
+    assert not announced_tier_change("key", "key")
+    assert announced_band_change("low", "high")
+    assert not announced_band_change(None, "high")
+    assert not announced_band_change("high", None)  # lost: the tier change says it
+    assert not announced_band_change("low", "low")
+
+
+async def test_an_endpoint_deleted_during_an_attempt(
+    client: httpx.AsyncClient,
+    admin_headers: dict[str, str],
+    engine: AsyncEngine,
+    settings: Settings,
+) -> None:
+    endpoint = await _register(client, admin_headers, "http://127.0.0.1:9/hook")
+    delivery_id = await _send_test(client, admin_headers, endpoint["id"])
+    sessionmaker = create_sessionmaker(engine)
+    async with sessionmaker() as s, s.begin():
+        claim = await claim_delivery(s, delivery_id=delivery_id, settings=settings)
+    assert claim is not None
+    async with sessionmaker() as s, s.begin():  # a second job finds it leased
+        assert await claim_delivery(s, delivery_id=delivery_id, settings=settings) is None
+    outcome = await send_delivery(claim, settings=settings)  # nothing listens on port 9
+    assert outcome.status_code is None
+    assert outcome.error
+    deleted = await client.delete(f"/v1/webhooks/{endpoint['id']}", headers=admin_headers)
+    assert deleted.status_code == 204
+    async with sessionmaker() as s, s.begin():
+        assert await record_outcome(s, claim=claim, outcome=outcome, settings=settings) == []
 
 
 async def test_no_subscriber_no_event(

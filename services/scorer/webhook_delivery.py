@@ -264,6 +264,13 @@ async def record_outcome(
 ) -> list[int]:
     """Log the attempt, move the delivery on, and return the deliveries now first in line
     behind it (to push at once rather than wait for the sweeper)."""
+    delivery = await session.scalar(
+        select(WebhookDelivery).where(WebhookDelivery.id == claim.delivery_id).with_for_update()
+    )
+    endpoint = await session.get(WebhookEndpoint, claim.endpoint_id)
+    if delivery is None or endpoint is None:
+        log.info("webhook_outcome_dropped", delivery_id=claim.delivery_id, reason="deleted")
+        return []
     session.add(
         WebhookAttempt(
             delivery_id=claim.delivery_id,
@@ -274,20 +281,10 @@ async def record_outcome(
             response_excerpt=outcome.excerpt,
         )
     )
-    delivery = await session.scalar(
-        select(WebhookDelivery)
-        .where(
-            WebhookDelivery.id == claim.delivery_id,
-            WebhookDelivery.status == DeliveryStatus.pending,
-            WebhookDelivery.next_attempt_at == claim.lease_until,
-        )
-        .with_for_update()
-    )
-    endpoint = await session.get(WebhookEndpoint, claim.endpoint_id, with_for_update=True)
-    if delivery is None or endpoint is None:
-        # Redelivered, deleted or re-claimed after our lease ran out: the attempt is logged,
-        # the delivery belongs to whoever holds it now.
-        log.info("webhook_outcome_not_recorded", delivery_id=claim.delivery_id)
+    if delivery.status != DeliveryStatus.pending or delivery.next_attempt_at != claim.lease_until:
+        # Redelivered, or re-claimed after our lease ran out: the attempt is logged, the
+        # delivery belongs to whoever holds it now.
+        log.info("webhook_outcome_not_applied", delivery_id=claim.delivery_id)
         return []
     now = datetime.now(UTC)
     delivery.attempts = claim.attempts + 1
@@ -295,8 +292,11 @@ async def record_outcome(
     if outcome.succeeded:
         delivery.status = DeliveryStatus.succeeded
         delivery.next_attempt_at = None
-        endpoint.failing_since = None
+        if endpoint.failing_since is not None:  # the endpoint row is written only on a change
+            endpoint.failing_since = None
     else:
+        # Failures update the endpoint's record: lock it, so concurrent ones do not race.
+        await session.refresh(endpoint, with_for_update=True)
         endpoint.failing_since = endpoint.failing_since or outcome.attempted_at
         wait = retry_delay(delivery.attempts, settings=settings, retry_after=outcome.retry_after)
         if outcome.status_code == 410:
