@@ -15,11 +15,12 @@ from typing import Any
 import httpx
 import pytest
 from arq.connections import ArqRedis
-from sqlalchemy import func, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from standardwebhooks import Webhook
 
 from services.api.app import create_app
+from services.scorer.jobs import job_session
 from services.scorer.scoring import rescore_accounts, run_portfolio_pass
 from services.scorer.webhook_delivery import (
     claim_delivery,
@@ -27,7 +28,11 @@ from services.scorer.webhook_delivery import (
     retry_delay,
     send_delivery,
 )
-from services.scorer.webhook_events import announced_band_change, announced_tier_change
+from services.scorer.webhook_events import (
+    announced_band_change,
+    announced_tier_change,
+    remember_deliveries,
+)
 from services.scorer.webhook_targets import UnsafeTarget, resolve_target
 from services.scorer.worker import create_worker
 from shared.db import create_sessionmaker
@@ -104,12 +109,15 @@ async def test_a_delivery_is_signed_and_verifies(
     receiver: Receiver,
     run_worker: RunWorker,
     session: AsyncSession,
+    redis: ArqRedis,
 ) -> None:
     endpoint = await _register(client, admin_headers, receiver.url)
     secret = endpoint["secret"]
     assert secret.startswith("whsec_")
     assert len(base64.b64decode(secret.removeprefix("whsec_"))) == 32
     delivery_id = await _send_test(client, admin_headers, endpoint["id"])
+    assert await redis.exists(f"arq:job:webhook:{delivery_id}")  # pushed after the commit
+    assert receiver.requests == []  # the API never sends
 
     await run_worker()
 
@@ -613,6 +621,39 @@ async def test_an_endpoint_deleted_during_an_attempt(
     assert deleted.status_code == 204
     async with sessionmaker() as s, s.begin():
         assert await record_outcome(s, claim=claim, outcome=outcome, settings=settings) == []
+
+
+async def test_the_worker_pushes_deliveries_after_its_commit(
+    client: httpx.AsyncClient,
+    admin_headers: dict[str, str],
+    receiver: Receiver,
+    engine: AsyncEngine,
+    redis: ArqRedis,
+    session: AsyncSession,
+) -> None:
+    await _register(client, admin_headers, receiver.url)
+    await session.execute(
+        insert(Account).values(external_id="A-1", name="A-1 GmbH", source_version=1, tier="key")
+    )
+    await session.commit()
+    ctx: dict[str, Any] = {"sessionmaker": create_sessionmaker(engine), "redis": redis}
+    async with job_session(ctx) as job:
+        account_id = await job.scalar(select(Account.id))
+        assert account_id is not None
+        await job.execute(
+            insert(WebhookEvent).values(
+                id="msg_x", type="account.tier_changed", account_id=account_id, payload={}
+            )
+        )
+        endpoint_id = await job.scalar(select(WebhookEndpoint.id))
+        delivery = WebhookDelivery(
+            event_id="msg_x", endpoint_id=endpoint_id, next_attempt_at=func.now()
+        )
+        job.add(delivery)
+        await job.flush()
+        remember_deliveries(job, [delivery.id])
+        assert not await redis.exists(f"arq:job:webhook:{delivery.id}")  # not before the commit
+    assert await redis.exists(f"arq:job:webhook:{delivery.id}")
 
 
 async def test_no_subscriber_no_event(
