@@ -684,6 +684,9 @@ async def test_no_subscriber_no_event(
         "https://0.0.0.0/hook",
         "https://224.0.0.1/hook",
         "https://localhost/hook",
+        "https://0x7f000001/hook",  # 127.0.0.1 spelled as one hex number
+        "https://2130706433/hook",  # and as one decimal number
+        "https://[fe80::1%25eth0]/hook",
         "http://93.184.215.14/hook",  # public, but not https
         "https://user:pw@93.184.215.14/hook",
         "ftp://93.184.215.14/hook",
