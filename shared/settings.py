@@ -55,6 +55,36 @@ class Settings(BaseSettings):
     portfolio_pass_minutes: set[Minute] = Field(default={0}, min_length=1)
     portfolio_pass_timeout_s: int = Field(default=3600, ge=60)
 
+    # Webhooks (DESIGN section 6).
+    webhook_timeout_s: float = Field(
+        default=10.0, gt=0, le=60, description="Whole-request limit of one delivery attempt."
+    )
+    webhook_retry_schedule_s: list[float] = Field(
+        default=[5, 300, 1800, 7200, 18000, 36000, 36000],
+        min_length=1,
+        description="Waits before the retries that follow a failed first attempt; after the "
+        "last the delivery is failed.",
+    )
+    webhook_retry_jitter: float = Field(
+        default=0.2, ge=0, lt=1, description="Each wait is stretched or shrunk by up to this share."
+    )
+    webhook_allowed_hosts: set[str] = Field(
+        default=set(),
+        description="Development only: hosts a webhook may name over plain http, and whose "
+        'address is not checked (a JSON list, e.g. ["localhost"]). Must be empty in production.',
+    )
+    webhook_disable_after_s: int = Field(
+        default=5 * 24 * 3600,
+        ge=60,
+        description="An endpoint whose every attempt has failed for this long is disabled.",
+    )
+    webhook_secret_overlap_s: int = Field(
+        default=24 * 3600, ge=0, description="How long a rotated-out secret keeps signing."
+    )
+    webhook_sweep_interval_s: int = Field(
+        default=5, ge=1, le=60, description="How often due deliveries are re-driven from Postgres."
+    )
+
     # Development only: where `kam dev` keeps the embedded Postgres and Redis.
     data_dir: str = ".kam"
 
@@ -71,6 +101,8 @@ class Settings(BaseSettings):
             ]
             if missing:
                 raise ValueError(f"{', '.join(missing)} must be set in production")
+            if self.webhook_allowed_hosts:
+                raise ValueError("KAM_WEBHOOK_ALLOWED_HOSTS must be empty in production")
         return self
 
 

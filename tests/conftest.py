@@ -106,6 +106,9 @@ def settings(database_url: str, service_urls: tuple[str, str]) -> Settings:
         db_connect_timeout_s=2,
         redis_timeout_s=1,
         log_level="WARNING",
+        # The webhook receiver of the tests listens on loopback; a hung one is cut after 1 s.
+        webhook_allowed_hosts={"127.0.0.1"},
+        webhook_timeout_s=1.0,
     )
 
 

@@ -21,6 +21,7 @@ from services.api.limits import BodySizeLimit
 from services.api.policy.router import router as policy_router
 from services.api.portfolio.router import router as portfolio_router
 from services.api.query import reject_unknown_query_params
+from services.api.webhooks.router import router as webhooks_router
 from services.logging import configure_logging
 from services.scorer.enqueue import create_redis
 from shared.db import create_engine, create_sessionmaker
@@ -33,7 +34,8 @@ computed from the order, contact, interaction and payment events that other syst
 
 * **Authentication**: every call but `/healthz` and `/readyz` needs an API key,
   `Authorization: Bearer kam_...`. Each endpoint names the scope it needs
-  (`events:write`, `accounts:read`, `pii:read`, `policy:write`, `tiers:override`, `admin`;
+  (`events:write`, `accounts:read`, `pii:read`, `policy:write`, `tiers:override`,
+  `webhooks:manage`, `admin`;
   `admin` grants every other scope). A missing or wrong key answers 401,
   a missing scope 403.
 * **Idempotency**: every event carries a client-chosen `event_id`; sending it again is
@@ -81,6 +83,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         policy_router,
         portfolio_router,
         keys_router,
+        webhooks_router,
     ):
         app.include_router(router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]

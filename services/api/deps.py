@@ -11,7 +11,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.api.errors import Forbidden, Unauthorized
 from services.api.keys.service import Principal
-from services.scorer.enqueue import enqueue_portfolio_pass, enqueue_rescores
+from services.scorer.enqueue import (
+    DELIVER_AFTER_COMMIT,
+    enqueue_deliveries,
+    enqueue_portfolio_pass,
+    enqueue_rescores,
+)
 from shared.enums import Scope
 from shared.settings import Settings
 
@@ -22,7 +27,8 @@ PORTFOLIO_AFTER_COMMIT = "portfolio_pass"
 async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
     """One transaction per request, committed after the endpoint returns and before the answer
     is built (``scope="function"``), so a 2xx always means the data is in Postgres. Jobs asked for
-    during the request (rescores, a portfolio pass) are pushed only after that commit."""
+    during the request (rescores, a portfolio pass, webhook deliveries) are pushed only after
+    that commit."""
     async with request.app.state.sessionmaker() as session:
         try:
             yield session
@@ -38,6 +44,9 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
             )
         if session.info.pop(PORTFOLIO_AFTER_COMMIT, False):
             await enqueue_portfolio_pass(request.app.state.redis)
+        deliveries: set[int] = session.info.pop(DELIVER_AFTER_COMMIT, set())
+        if deliveries:
+            await enqueue_deliveries(request.app.state.redis, deliveries)
 
 
 SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]

@@ -83,6 +83,11 @@ class Forbidden(ProblemError):
     title = "The API key lacks a required scope"
 
 
+class Conflict(ProblemError):
+    status_code = status.HTTP_409_CONFLICT
+    title = "Conflict with the resource's state"
+
+
 class PayloadTooLarge(ProblemError):
     status_code = status.HTTP_413_CONTENT_TOO_LARGE
     title = "Request body too large"
@@ -109,6 +114,7 @@ _STATUS_TITLES = {
     403: "The API key lacks a required scope",
     404: "Not found",
     405: "Method not allowed",
+    409: "Conflict with the resource's state",
     413: "Request body too large",
     415: "Unsupported media type",
     422: "Request validation failed",

@@ -8,7 +8,7 @@ re-drives any account whose job was lost (Redis down, wiped, or a crash between 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import cast
 
 import structlog
@@ -45,34 +45,65 @@ def create_redis(settings: Settings) -> ArqRedis:
 
 async def enqueue_rescores(redis: ArqRedis, account_ids: Iterable[int], *, defer_s: float) -> int:
     """Ask for a rescore of each account; returns how many pushes failed (0 when all went)."""
-    ids = sorted(set(account_ids))
-    if not ids:
-        return 0
-    semaphore = asyncio.Semaphore(_MAX_IN_FLIGHT)
-    redis_down = asyncio.Event()  # one failure is enough: do not wait out a timeout per account
+    failed, total = await _push_each(
+        redis, RESCORE_ACCOUNT, account_ids, job_id=rescore_job_id, defer_s=defer_s
+    )
+    if failed:
+        log.warning("rescores_left_to_sweeper", failed=failed, total=total)
+    return failed
 
-    async def push(account_id: int) -> bool:
+
+DELIVER_WEBHOOK = "deliver_webhook"
+# The key of ``session.info`` under which a transaction collects the webhook deliveries it
+# created; the commit point pushes their jobs after the commit.
+DELIVER_AFTER_COMMIT = "webhook_delivery_ids"
+
+
+def delivery_job_id(delivery_id: int) -> str:
+    """Fixed per delivery: a push by the sweeper while the job waits or runs adds nothing."""
+    return f"webhook:{delivery_id}"
+
+
+async def enqueue_deliveries(redis: ArqRedis, delivery_ids: Iterable[int]) -> int:
+    """Ask for each delivery to be attempted now; returns how many pushes failed. The schedule
+    is in Postgres: a lost push only waits for the next sweep."""
+    failed, total = await _push_each(redis, DELIVER_WEBHOOK, delivery_ids, job_id=delivery_job_id)
+    if failed:
+        log.warning("deliveries_left_to_sweeper", failed=failed, total=total)
+    return failed
+
+
+async def _push_each(
+    redis: ArqRedis,
+    function: str,
+    ids: Iterable[int],
+    *,
+    job_id: Callable[[int], str],
+    defer_s: float = 0,
+) -> tuple[int, int]:
+    """Push one job per id (a few at a time); returns (failed, total)."""
+    unique = sorted(set(ids))
+    if not unique:
+        return 0, 0
+    semaphore = asyncio.Semaphore(_MAX_IN_FLIGHT)
+    redis_down = asyncio.Event()  # one failure is enough: do not wait out a timeout per job
+
+    async def push(item: int) -> bool:
         async with semaphore:
             if redis_down.is_set():
                 return False
             try:
                 await redis.enqueue_job(
-                    RESCORE_ACCOUNT,
-                    account_id,
-                    _job_id=rescore_job_id(account_id),
-                    _defer_by=defer_s or None,
+                    function, item, _job_id=job_id(item), _defer_by=defer_s or None
                 )
             except (RedisError, OSError) as exc:
                 redis_down.set()
-                log.warning("enqueue_failed", account_id=account_id, error=type(exc).__name__)
+                log.warning("enqueue_failed", job=function, id=item, error=type(exc).__name__)
                 return False
             return True
 
-    results = await asyncio.gather(*(push(i) for i in ids))
-    failed = results.count(False)
-    if failed:
-        log.warning("rescores_left_to_sweeper", failed=failed, total=len(ids))
-    return failed
+    results = await asyncio.gather(*(push(i) for i in unique))
+    return results.count(False), len(unique)
 
 
 PORTFOLIO_JOB = "portfolio_pass"

@@ -16,8 +16,14 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from services.scorer.enqueue import enqueue_rescores
+from services.scorer.enqueue import DELIVER_AFTER_COMMIT, enqueue_deliveries, enqueue_rescores
 from services.scorer.scoring import rescore_accounts, run_portfolio_pass
+from services.scorer.webhook_delivery import (
+    claim_delivery,
+    due_deliveries,
+    record_outcome,
+    send_delivery,
+)
 from shared.models import Account, DirtyAccount
 from shared.settings import Settings
 
@@ -30,7 +36,8 @@ SWEEP_BATCH = 5000
 
 @asynccontextmanager
 async def job_session(ctx: dict[str, Any]) -> AsyncIterator[AsyncSession]:
-    """The worker's one commit point; a database outage becomes an arq retry with backoff."""
+    """The worker's one commit point; a database outage becomes an arq retry with backoff.
+    Webhook deliveries the transaction created are pushed after the commit."""
     sessionmaker: async_sessionmaker[AsyncSession] = ctx["sessionmaker"]
     try:
         async with sessionmaker() as session, session.begin():
@@ -39,6 +46,9 @@ async def job_session(ctx: dict[str, Any]) -> AsyncIterator[AsyncSession]:
         tries: int = ctx.get("job_try", 1)
         log.warning("job_database_error", error=type(exc).__name__, job_try=tries)
         raise Retry(defer=min(60, 2**tries)) from exc
+    deliveries: set[int] = session.info.pop(DELIVER_AFTER_COMMIT, set())
+    if deliveries:
+        await enqueue_deliveries(ctx["redis"], deliveries)
 
 
 async def rescore_account(ctx: dict[str, Any], account_id: int) -> bool:
@@ -123,4 +133,31 @@ async def sweep_dirty_accounts(ctx: dict[str, Any]) -> int:
     if ids:
         failed = await enqueue_rescores(ctx["redis"], ids, defer_s=0)
         log.info("swept_dirty_accounts", count=len(ids), failed=failed)
+    return len(ids)
+
+
+async def deliver_webhook(ctx: dict[str, Any], delivery_id: int) -> bool:
+    """Attempt one webhook delivery, if it is due and first in line; returns whether an
+    attempt was made. The HTTP request runs between two short transactions, never inside one."""
+    settings: Settings = ctx["settings"]
+    async with job_session(ctx) as session:
+        claim = await claim_delivery(session, delivery_id=delivery_id, settings=settings)
+    if claim is None:
+        return False
+    outcome = await send_delivery(claim, settings=settings)
+    async with job_session(ctx) as session:
+        follow_ups = await record_outcome(session, claim=claim, outcome=outcome, settings=settings)
+    if follow_ups:
+        await enqueue_deliveries(ctx["redis"], follow_ups)
+    return True
+
+
+async def sweep_webhook_deliveries(ctx: dict[str, Any]) -> int:
+    """Push the deliveries whose time has come: retries fall due here, and a job lost to a
+    Redis flush or a crash (or a lease left by a worker killed mid-send) is re-driven."""
+    async with job_session(ctx) as session:
+        ids = await due_deliveries(session)
+    if ids:
+        failed = await enqueue_deliveries(ctx["redis"], ids)
+        log.info("swept_webhook_deliveries", count=len(ids), failed=failed)
     return len(ids)

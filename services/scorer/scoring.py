@@ -57,6 +57,7 @@ from services.scorer.engine import (
 from services.scorer.engine.arrays import FloatArray
 from services.scorer.features import FeatureTable, load_features
 from services.scorer.policies import LOCK_NAMESPACE, active_policy
+from services.scorer.webhook_events import record_account_events
 from shared.enums import RiskBand, Tier
 from shared.models import PopulationFit
 from shared.schemas import BandMove, PolicyPreview, TierMove
@@ -751,6 +752,14 @@ async def _store(
                 [snapshot_of[ids[i]] for i in changed],
             ),
         )
+    await record_account_events(
+        session,
+        account_ids=ids,
+        state=state,
+        result=result,
+        policy_version=policy_version,
+        occurred_at=now,
+    )
     return len(changed)
 
 

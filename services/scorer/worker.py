@@ -9,7 +9,12 @@ from arq import cron
 from arq.worker import Function, Worker, func
 
 from services.scorer import jobs
-from services.scorer.enqueue import PORTFOLIO_JOB, RESCORE_ACCOUNT, create_redis
+from services.scorer.enqueue import (
+    DELIVER_WEBHOOK,
+    PORTFOLIO_JOB,
+    RESCORE_ACCOUNT,
+    create_redis,
+)
 from shared.db import create_engine, create_sessionmaker
 from shared.settings import Settings
 
@@ -46,14 +51,25 @@ def functions(settings: Settings) -> list[Function]:
             timeout=settings.portfolio_pass_timeout_s,
             max_tries=5,
         ),
+        func(
+            jobs.deliver_webhook,
+            name=DELIVER_WEBHOOK,
+            keep_result=0,
+            # the attempt, its two short transactions, and a margin
+            timeout=int(settings.webhook_timeout_s) + 30,
+            max_tries=5,
+        ),
     ]
+
+
+def _every(interval_s: int) -> set[int]:
+    """The seconds of each minute at which a cron with this interval runs."""
+    return set(range(0, 60, interval_s)) if interval_s < 60 else {0}
 
 
 def create_worker(settings: Settings, *, burst: bool = False) -> Worker:
     """A worker bound to the configured Redis and Postgres; ``burst`` drains the queue and stops."""
-    sweep_seconds = (
-        set(range(0, 60, settings.sweep_interval_s)) if settings.sweep_interval_s < 60 else {0}
-    )
+    sweep_seconds = _every(settings.sweep_interval_s)
     return Worker(
         functions=functions(settings),
         cron_jobs=[
@@ -64,6 +80,14 @@ def create_worker(settings: Settings, *, burst: bool = False) -> Worker:
                 unique=True,
                 keep_result=0,
                 timeout=120,
+            ),
+            cron(
+                jobs.sweep_webhook_deliveries,
+                second=_every(settings.webhook_sweep_interval_s),
+                run_at_startup=True,
+                unique=True,
+                keep_result=0,
+                timeout=60,
             ),
             cron(
                 jobs.portfolio_pass,

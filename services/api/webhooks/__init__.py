@@ -1,0 +1,1 @@
+"""Webhook endpoints: subscriptions to tier and risk-band changes, and their delivery log."""
