@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install run test lint format bench bench-ingest bench-score clean
+.PHONY: install run test lint format bench bench-ingest bench-score bench-webhooks clean
 
 install: $(INSTALLED)
 
@@ -33,13 +33,16 @@ format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-bench: bench-ingest bench-score ## every benchmark, each figure beside its ceiling
+bench: bench-ingest bench-score bench-webhooks ## every benchmark, each figure beside its ceiling
 
 bench-ingest: install
 	$(BIN)/python -m bench.ingest
 
 bench-score: install ## 100,000 accounts, 5M orders: the portfolio pass, event-to-snapshot latency
 	$(BIN)/python -m bench.score
+
+bench-webhooks: install ## order to verified webhook, delivery throughput beside a bare httpx loop
+	$(BIN)/python -m bench.webhooks
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
