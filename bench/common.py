@@ -148,15 +148,15 @@ def free_port() -> int:
         return port
 
 
-class UvicornServer:
-    """``uvicorn APP --factory`` in a child process with one worker, no access log and log level
-    warning, so that every server of a benchmark runs the same way as ``kam api``."""
+class ChildProcess:
+    """A child process of a benchmark, its output in a log file; stopped with SIGINT (as a
+    Ctrl-C would) when the ``with`` block ends."""
 
-    def __init__(self, name: str, app: str, env: Mapping[str, str], log_path: Path) -> None:
+    def __init__(
+        self, name: str, command: Sequence[str], env: Mapping[str, str], log_path: Path
+    ) -> None:
         self.name = name
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self._app = app
+        self._command = list(command)
         self._env = dict(env)
         self._log_path = log_path
         self._log: IO[bytes] | None = None
@@ -171,26 +171,7 @@ class UvicornServer:
         self._log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self._log_path.open("wb")
         self._process = subprocess.Popen(  # noqa: S603
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                self._app,
-                "--factory",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--workers",
-                "1",
-                "--log-level",
-                "warning",
-                "--no-access-log",
-            ],
-            cwd=ROOT,
-            env=self._env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
+            self._command, cwd=ROOT, env=self._env, stdout=self._log, stderr=subprocess.STDOUT
         )
         return self
 
@@ -217,13 +198,25 @@ class UvicornServer:
 
     def check_alive(self) -> None:
         if self._process is None or self._process.poll() is not None:
-            raise BenchError(f"{self.name} server exited; its log:\n{self.log_tail()}")
+            raise BenchError(f"{self.name} exited; its log:\n{self.log_tail()}")
 
     def log_tail(self, chars: int = 4000) -> str:
         try:
             return self._log_path.read_text(errors="replace")[-chars:]
         except OSError:
             return "(no log)"
+
+
+class UvicornServer(ChildProcess):
+    """``uvicorn APP --factory`` in a child process with one worker, no access log and log level
+    warning, so that every server of a benchmark runs the same way as ``kam api``."""
+
+    def __init__(self, name: str, app: str, env: Mapping[str, str], log_path: Path) -> None:
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        command = [sys.executable, "-m", "uvicorn", app, "--factory", "--host", "127.0.0.1"]
+        command += ["--port", str(self.port), "--workers", "1", "--log-level", "warning"]
+        super().__init__(f"{name} server", [*command, "--no-access-log"], env, log_path)
 
     async def wait_ready(self, path: str = "/healthz", timeout_s: float = 60.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -474,3 +467,41 @@ def quantile(values: Sequence[float], q: float) -> float:
 
 def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else 0.0
+
+
+def proc_status_kib(pid: int, key: str) -> float:
+    """A ``kB`` figure of ``/proc/PID/status`` (Linux; 0 elsewhere)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(f"{key}:"):
+                return float(line.split()[1])
+    except OSError:
+        pass
+    return 0.0
+
+
+class ScorerWorker(ChildProcess):
+    """``kam scorer`` in a child process."""
+
+    def __init__(self, env: Mapping[str, str], log_path: Path) -> None:
+        command = [sys.executable, "-m", "services.cli.main", "scorer"]
+        super().__init__("the scorer worker", command, env, log_path)
+
+    def peak_rss_mib(self) -> float:
+        return proc_status_kib(self.pid, "VmHWM") / 1024
+
+
+async def wait_for_worker(
+    redis_url: str, queue_name: str, worker: ScorerWorker, timeout_s: float = 60
+) -> None:
+    """Until the worker has written its first health check to Redis (it is polling)."""
+    client = redis_asyncio.Redis.from_url(redis_url)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not await client.exists(f"{queue_name}:health-check"):
+            worker.check_alive()
+            if time.monotonic() > deadline:
+                raise BenchError(f"the scorer worker was not polling after {timeout_s:.0f}s")
+            await asyncio.sleep(0.2)
+    finally:
+        await client.aclose()

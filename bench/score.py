@@ -36,7 +36,6 @@ import os
 import platform
 import random
 import resource
-import signal
 import subprocess
 import sys
 import time
@@ -46,8 +45,7 @@ from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Any, Self
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -58,14 +56,17 @@ from bench.common import (
     RESULTS_DIR,
     ROOT,
     BenchError,
+    ScorerWorker,
     ScratchUrls,
     UvicornServer,
     flush_redis,
     median,
+    proc_status_kib,
     quantile,
     recreate_database,
     run_cli,
     scratch_urls,
+    wait_for_worker,
 )
 
 RESULTS_FILE = RESULTS_DIR / "score.json"
@@ -582,18 +583,7 @@ async def _pass_in_this_process() -> PassRun:
 
 
 def _rss_mib() -> float:
-    return _proc_status_kib(os.getpid(), "VmRSS") / 1024
-
-
-def _proc_status_kib(pid: int, key: str) -> float:
-    """A ``kB`` figure of ``/proc/PID/status`` (Linux; 0 elsewhere)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(f"{key}:"):
-                return float(line.split()[1])
-    except OSError:
-        pass
-    return 0.0
+    return proc_status_kib(os.getpid(), "VmRSS") / 1024
 
 
 def pass_child_main() -> int:
@@ -603,59 +593,6 @@ def pass_child_main() -> int:
 
 
 # --- Event to snapshot --------------------------------------------------------------------------
-
-
-class ScorerWorker:
-    """``kam scorer`` in a child process, its output in a log file."""
-
-    def __init__(self, env: Mapping[str, str], log_path: Path) -> None:
-        self._env = dict(env)
-        self._log_path = log_path
-        self._log: IO[bytes] | None = None
-        self._process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def pid(self) -> int:
-        assert self._process is not None
-        return self._process.pid
-
-    def __enter__(self) -> Self:
-        self._log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = self._log_path.open("wb")
-        self._process = subprocess.Popen(
-            [sys.executable, "-m", "services.cli.main", "scorer"],
-            cwd=ROOT,
-            env=self._env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-    def check_alive(self) -> None:
-        if self._process is None or self._process.poll() is not None:
-            log = self._log_path.read_text(errors="replace")[-4000:]
-            raise BenchError(f"the scorer worker exited; its log:\n{log}")
-
-    def peak_rss_mib(self) -> float:
-        return _proc_status_kib(self.pid, "VmHWM") / 1024
 
 
 @dataclass(slots=True)
@@ -816,22 +753,6 @@ async def stream_events(
     return events
 
 
-async def wait_for_worker(redis_url: str, worker: ScorerWorker, timeout_s: float = 60) -> None:
-    """Until the worker has written its first health check to Redis (it is polling)."""
-    import redis.asyncio as redis_asyncio
-
-    client = redis_asyncio.Redis.from_url(redis_url)
-    deadline = time.monotonic() + timeout_s
-    try:
-        while not await client.exists(f"{QUEUE_NAME}:health-check"):
-            worker.check_alive()
-            if time.monotonic() > deadline:
-                raise BenchError(f"the scorer worker was not polling after {timeout_s:.0f}s")
-            await asyncio.sleep(0.2)
-    finally:
-        await client.aclose()
-
-
 async def measure_latency(
     urls: ScratchUrls,
     api: UvicornServer,
@@ -841,7 +762,7 @@ async def measure_latency(
     accounts: int,
 ) -> LatencyResult:
     await api.wait_ready()
-    await wait_for_worker(urls.redis_url, worker)
+    await wait_for_worker(urls.redis_url, QUEUE_NAME, worker)
     rng = random.Random(args.seed)
     watcher = SnapshotWatcher(urls.asyncpg_dsn)
     watching = asyncio.create_task(watcher.run())

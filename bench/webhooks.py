@@ -65,6 +65,7 @@ from bench.common import (
     RESULTS_DIR,
     ROOT,
     BenchError,
+    ScorerWorker,
     ScratchUrls,
     UvicornServer,
     flush_redis,
@@ -73,8 +74,9 @@ from bench.common import (
     recreate_database,
     run_cli,
     scratch_urls,
+    wait_for_worker,
 )
-from bench.score import Row, ScorerWorker, render_table
+from bench.score import Row, render_table
 
 RESULTS_FILE = RESULTS_DIR / "webhooks.json"
 SERVICE_APP = "services.api.app:create_app"
@@ -332,20 +334,6 @@ async def run_portfolio_pass(
     finally:
         await redis.aclose()
     return time.perf_counter() - started
-
-
-async def wait_for_worker(redis_url: str, worker: ScorerWorker, timeout_s: float = 60) -> None:
-    """Until the worker has written its first health check to Redis (it is polling)."""
-    client = redis_asyncio.Redis.from_url(redis_url)
-    deadline = time.monotonic() + timeout_s
-    try:
-        while not await client.exists(f"{QUEUE_NAME}:health-check"):
-            worker.check_alive()
-            if time.monotonic() > deadline:
-                raise BenchError(f"the scorer worker was not polling after {timeout_s:.0f}s")
-            await asyncio.sleep(0.2)
-    finally:
-        await client.aclose()
 
 
 # --- Order to webhook ---------------------------------------------------------------------------
@@ -1122,7 +1110,7 @@ async def _measure(
     receiver = Receiver()
     await receiver.start()
     await api.wait_ready()
-    await wait_for_worker(urls.redis_url, worker)
+    await wait_for_worker(urls.redis_url, QUEUE_NAME, worker)
     async with httpx.AsyncClient(base_url=api.base_url, timeout=60.0) as client:
         try:
             results.note_load("portfolio")
