@@ -25,9 +25,12 @@ class Received:
 
 @dataclass
 class Receiver:
-    """``script`` answers the next requests in turn; after it, ``default`` answers."""
+    """``by_id`` answers the next requests of one webhook-id in turn (whatever order concurrent
+    deliveries arrive in); else ``script`` answers the next requests in turn; after it,
+    ``default`` answers."""
 
     script: list[Reply] = field(default_factory=list)
+    by_id: dict[str, list[Reply]] = field(default_factory=dict)
     default: Reply = field(default_factory=Reply)
     requests: list[Received] = field(default_factory=list)
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
@@ -52,6 +55,12 @@ class Receiver:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2)
 
+    def _next_reply(self, webhook_id: str) -> Reply:
+        for_id = self.by_id.get(webhook_id)
+        if for_id:
+            return for_id.pop(0)
+        return self.script.pop(0) if self.script else self.default
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
@@ -68,7 +77,7 @@ class Receiver:
             body = await reader.readexactly(int(headers.get("content-length", "0")))
             self.requests.append(Received(path=path, headers=headers, body=body))
             self.arrived.set()
-            reply = self.script.pop(0) if self.script else self.default
+            reply = self._next_reply(headers.get("webhook-id", ""))
             if reply.hang_s:
                 await asyncio.sleep(reply.hang_s)
             head = [f"HTTP/1.1 {reply.status} Scripted"]
