@@ -13,6 +13,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from services.scorer.engine import ScoringPolicy
+from services.scorer.features import load_features
 from services.scorer.policies import active_policy, create_policy_version
 from services.scorer.scoring import preview_policy, rescore_accounts, run_portfolio_pass
 from shared.db import create_sessionmaker
@@ -462,3 +463,28 @@ async def test_a_portfolio_pass_on_demand_runs_in_the_worker(
         select(func.count()).select_from(Account).where(Account.scored_at.is_not(None))
     )
     assert scored == 26
+
+
+async def test_every_accounts_features_agree_with_the_one_statement_of_a_rescore(
+    client: httpx.AsyncClient,
+    admin_headers: dict[str, str],
+    sessionmaker: async_sessionmaker[AsyncSession],
+) -> None:
+    # The full aggregation runs its parts on connections of their own; a rescore of a few
+    # accounts runs one statement; a savepoint (the policy preview) runs one statement too.
+    specs = [*ordinary_accounts(12), STAR, BIG_THIN, LATE_BIG]
+    await send(client, admin_headers, specs, NOW)
+    async with sessionmaker() as session, session.begin():
+        everything = await load_features(session, as_of=NOW)
+        ids = [int(i) for i in everything.account_id]
+        some = await load_features(session, as_of=NOW, account_ids=ids)
+        async with session.begin_nested():
+            nested = await load_features(session, as_of=NOW)
+    assert len(everything) == len(specs)
+    for other in (some, nested):
+        assert np.array_equal(other.account_id, everything.account_id)
+        assert set(other.columns) == set(everything.columns)
+        for name, column in everything.columns.items():
+            assert np.array_equal(other.columns[name], column, equal_nan=True), name
+    assert np.isfinite(everything.columns["categories_12m"]).all()
+    assert everything.columns["invoices_12m"].sum() > 0

@@ -1,8 +1,10 @@
 """Per-account features, aggregated in SQL over trailing windows as of an evaluation time.
 
-One statement serves a single rescore (a few ids), the portfolio pass (every account) and the
-calibration replay (the same accounts at an earlier cut-off): only ``as_of`` and the id filter
-change, so the three can never disagree on what a feature means.
+The same aggregates serve a single rescore (a few ids, one statement), the portfolio pass
+(every account) and the calibration replay (the same accounts at an earlier cut-off): only
+``as_of`` and the id filter change, so the three can never disagree on what a feature means.
+For every account the aggregates run as separate statements at the same time, on connections
+sharing one snapshot, so that both cores work on them.
 
 Definitions (all windows end at ``as_of`` and ignore anything after it):
 
@@ -22,158 +24,200 @@ Definitions (all windows end at ``as_of`` and ignore anything after it):
 
 from __future__ import annotations
 
+import asyncio
 import math
+import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from services.scorer.engine import AccountFeatures, BehaviourFacts
 from services.scorer.engine.arrays import FloatArray
 
 _DAY = 86400.0
 
-_SQL = """
+# The aggregates, one per source, each grouped by account. Their text is shared by the one
+# statement of a rescore and by the parts of a full aggregation, so a feature means the same in
+# both. ``{order_filter}`` and its kin narrow a rescore to its accounts.
+_AGGREGATES: dict[str, str] = {
+    "o": """
+SELECT
+    o.account_id,
+    sum(o.amount) FILTER (
+        WHERE o.ordered_at > $2::timestamptz
+    ) AS revenue_12m,
+    sum(o.amount) FILTER (
+        WHERE o.ordered_at > $2::timestamptz AND o.cost IS NOT NULL
+    ) AS costed_revenue_12m,
+    sum(o.amount - o.cost) FILTER (
+        WHERE o.ordered_at > $2::timestamptz AND o.cost IS NOT NULL
+    ) AS costed_profit_12m,
+    sum(o.amount) FILTER (
+        WHERE o.ordered_at <= $2::timestamptz
+          AND o.ordered_at > $3::timestamptz
+    ) AS revenue_prev_12m,
+    count(*) FILTER (WHERE o.ordered_at > $2::timestamptz) AS orders_12m,
+    count(*) FILTER (WHERE o.ordered_at > $4::timestamptz) AS orders_90d,
+    min(o.ordered_at) AS first_order_at,
+    max(o.ordered_at) AS last_order_at,
+    count(DISTINCT (o.ordered_at AT TIME ZONE 'UTC')::date) AS order_days
+FROM orders o
+WHERE o.status = 'placed' AND o.ordered_at <= $1::timestamptz {order_filter}
+GROUP BY o.account_id
+""",
+    "cat": """
+-- Distinct (account, category) pairs first: a hash of a few pairs per account, which
+-- Postgres can build in parallel, where count(DISTINCT) sorts every order line.
+SELECT pairs.account_id, count(*) AS categories_12m
+FROM (
+    SELECT DISTINCT o.account_id, line ->> 'category' AS category
+    FROM orders o CROSS JOIN LATERAL jsonb_array_elements(o.lines) AS line
+    WHERE o.status = 'placed' AND o.ordered_at <= $1
+      AND o.ordered_at > $2::timestamptz {order_filter}
+) pairs
+GROUP BY pairs.account_id
+""",
+    "p": """
+SELECT
+    p.account_id,
+    count(*) AS invoices_due,
+    count(*) FILTER (
+        WHERE least(coalesce(p.paid_at, $1::timestamptz), $1::timestamptz) > p.due_at
+    ) AS invoices_late,
+    avg(greatest(extract(epoch FROM
+        least(coalesce(p.paid_at, $1::timestamptz), $1::timestamptz) - p.due_at), 0)
+    ) / 86400.0 AS avg_days_late
+FROM payments p
+WHERE p.due_at <= $1::timestamptz
+  AND p.due_at > $2::timestamptz {payment_filter}
+GROUP BY p.account_id
+""",
+    "i": """
+SELECT
+    i.account_id,
+    max(i.occurred_at) AS last_interaction_at,
+    count(*) FILTER (
+        WHERE i.kind = 'complaint' AND i.occurred_at > $5::timestamptz
+    ) AS complaints_180d
+FROM interactions i
+WHERE i.occurred_at <= $1::timestamptz {interaction_filter}
+GROUP BY i.account_id
+""",
+    "s": """
+SELECT
+    ranked.account_id,
+    max(ranked.satisfaction) FILTER (WHERE ranked.rn = 1) AS satisfaction_last,
+    max(ranked.satisfaction) FILTER (WHERE ranked.rn = 2) AS satisfaction_previous
+FROM (
+    SELECT
+        i.account_id,
+        i.satisfaction,
+        row_number() OVER (
+            PARTITION BY i.account_id ORDER BY i.occurred_at DESC, i.id DESC
+        ) AS rn
+    FROM interactions i
+    WHERE i.kind = 'survey' AND i.satisfaction IS NOT NULL AND i.occurred_at <= $1
+      {interaction_filter}
+) ranked
+WHERE ranked.rn <= 2
+GROUP BY ranked.account_id
+""",
+}
+
+# The columns of a feature row, in order: the account's own, then each aggregate's.
+_ACCOUNT_COLUMNS = ("a.id", "a.parent_id", "a.status", "a.strategic_fit", "a.created_at")
+_AGGREGATE_COLUMNS: dict[str, tuple[str, ...]] = {
+    "o": (
+        "revenue_12m",
+        "costed_revenue_12m",
+        "costed_profit_12m",
+        "revenue_prev_12m",
+        "orders_12m",
+        "orders_90d",
+        "first_order_at",
+        "last_order_at",
+        "order_days",
+    ),
+    "cat": ("categories_12m",),
+    "p": ("invoices_due", "invoices_late", "avg_days_late"),
+    "i": ("last_interaction_at", "complaints_180d"),
+    "s": ("satisfaction_last", "satisfaction_previous"),
+}
+
+
+def _one_statement_sql(*, filtered: bool) -> str:
+    """One statement for the features of every account or (``filtered``) of the accounts in
+    ``$6`` and, for a group's roll-up, their direct subsidiaries."""
+    in_target = "IN (SELECT id FROM target)"
+    filters = {
+        "order_filter": f"AND o.account_id {in_target}",
+        "payment_filter": f"AND p.account_id {in_target}",
+        "interaction_filter": f"AND i.account_id {in_target}",
+    }
+    if not filtered:
+        filters = dict.fromkeys(filters, "")
+    ctes = ",\n".join(
+        f"{name} AS (\n{sql.format(**filters).strip()}\n)" for name, sql in _AGGREGATES.items()
+    )
+    columns = [*_ACCOUNT_COLUMNS]
+    for name, names in _AGGREGATE_COLUMNS.items():
+        columns += [f"{name}.{column}" for column in names]
+    joins = "\n".join(f"LEFT JOIN {name} ON {name}.account_id = a.id" for name in _AGGREGATES)
+    account_filter, child_filter = (
+        ("WHERE a.id = ANY($6::bigint[])", "WHERE c.parent_id = ANY($6::bigint[])")
+        if filtered
+        else ("", "WHERE false")
+    )
+    return f"""
 WITH target AS (
     SELECT a.id FROM accounts a {account_filter}
     UNION
     SELECT c.id FROM accounts c {child_filter}
 ),
-o AS (
-    SELECT
-        o.account_id,
-        sum(o.amount) FILTER (
-            WHERE o.ordered_at > $2::timestamptz
-        ) AS revenue_12m,
-        sum(o.amount) FILTER (
-            WHERE o.ordered_at > $2::timestamptz AND o.cost IS NOT NULL
-        ) AS costed_revenue_12m,
-        sum(o.amount - o.cost) FILTER (
-            WHERE o.ordered_at > $2::timestamptz AND o.cost IS NOT NULL
-        ) AS costed_profit_12m,
-        sum(o.amount) FILTER (
-            WHERE o.ordered_at <= $2::timestamptz
-              AND o.ordered_at > $3::timestamptz
-        ) AS revenue_prev_12m,
-        count(*) FILTER (WHERE o.ordered_at > $2::timestamptz) AS orders_12m,
-        count(*) FILTER (WHERE o.ordered_at > $4::timestamptz) AS orders_90d,
-        min(o.ordered_at) AS first_order_at,
-        max(o.ordered_at) AS last_order_at,
-        count(DISTINCT (o.ordered_at AT TIME ZONE 'UTC')::date) AS order_days
-    FROM orders o
-    WHERE o.status = 'placed' AND o.ordered_at <= $1::timestamptz {order_filter}
-    GROUP BY o.account_id
-),
-cat AS (
-    SELECT o.account_id, count(DISTINCT line ->> 'category') AS categories_12m
-    FROM orders o CROSS JOIN LATERAL jsonb_array_elements(o.lines) AS line
-    WHERE o.status = 'placed' AND o.ordered_at <= $1
-      AND o.ordered_at > $2::timestamptz {order_filter}
-    GROUP BY o.account_id
-),
-p AS (
-    SELECT
-        p.account_id,
-        count(*) AS invoices_due,
-        count(*) FILTER (
-            WHERE least(coalesce(p.paid_at, $1::timestamptz), $1::timestamptz) > p.due_at
-        ) AS invoices_late,
-        avg(greatest(extract(epoch FROM
-            least(coalesce(p.paid_at, $1::timestamptz), $1::timestamptz) - p.due_at), 0)
-        ) / 86400.0 AS avg_days_late
-    FROM payments p
-    WHERE p.due_at <= $1::timestamptz
-      AND p.due_at > $2::timestamptz {payment_filter}
-    GROUP BY p.account_id
-),
-i AS (
-    SELECT
-        i.account_id,
-        max(i.occurred_at) AS last_interaction_at,
-        count(*) FILTER (
-            WHERE i.kind = 'complaint' AND i.occurred_at > $5::timestamptz
-        ) AS complaints_180d
-    FROM interactions i
-    WHERE i.occurred_at <= $1::timestamptz {interaction_filter}
-    GROUP BY i.account_id
-),
-s AS (
-    SELECT
-        ranked.account_id,
-        max(ranked.satisfaction) FILTER (WHERE ranked.rn = 1) AS satisfaction_last,
-        max(ranked.satisfaction) FILTER (WHERE ranked.rn = 2) AS satisfaction_previous
-    FROM (
-        SELECT
-            i.account_id,
-            i.satisfaction,
-            row_number() OVER (
-                PARTITION BY i.account_id ORDER BY i.occurred_at DESC, i.id DESC
-            ) AS rn
-        FROM interactions i
-        WHERE i.kind = 'survey' AND i.satisfaction IS NOT NULL AND i.occurred_at <= $1
-          {interaction_filter}
-    ) ranked
-    WHERE ranked.rn <= 2
-    GROUP BY ranked.account_id
-)
-SELECT
-    a.id,
-    a.parent_id,
-    a.status,
-    a.strategic_fit,
-    a.created_at,
-    o.revenue_12m,
-    o.costed_revenue_12m,
-    o.costed_profit_12m,
-    o.revenue_prev_12m,
-    o.orders_12m,
-    o.orders_90d,
-    o.first_order_at,
-    o.last_order_at,
-    o.order_days,
-    cat.categories_12m,
-    p.invoices_due,
-    p.invoices_late,
-    p.avg_days_late,
-    i.last_interaction_at,
-    i.complaints_180d,
-    s.satisfaction_last,
-    s.satisfaction_previous
+{ctes}
+SELECT {", ".join(columns)}
 FROM accounts a
 JOIN target t ON t.id = a.id
-LEFT JOIN o ON o.account_id = a.id
-LEFT JOIN cat ON cat.account_id = a.id
-LEFT JOIN p ON p.account_id = a.id
-LEFT JOIN i ON i.account_id = a.id
-LEFT JOIN s ON s.account_id = a.id
+{joins}
 ORDER BY a.id
-"""
+"""  # noqa: S608 - the text is this module's constants; values travel as $n parameters
 
 
-def _statement(*, filtered: bool) -> str:
-    if not filtered:
-        return _SQL.format(
-            account_filter="",
-            child_filter="WHERE false",
-            order_filter="",
-            payment_filter="",
-            interaction_filter="",
-        )
-    # A rescore of a group account needs its subsidiaries' figures for the roll-up.
-    in_target = "IN (SELECT id FROM target)"
-    return _SQL.format(
-        account_filter="WHERE a.id = ANY($6::bigint[])",
-        child_filter="WHERE c.parent_id = ANY($6::bigint[])",
-        order_filter=f"AND o.account_id {in_target}",
-        payment_filter=f"AND p.account_id {in_target}",
-        interaction_filter=f"AND i.account_id {in_target}",
-    )
+SOME_ACCOUNTS_SQL = _one_statement_sql(filtered=True)
+ALL_ACCOUNTS_SQL = _one_statement_sql(filtered=False)
+
+# Every account: the aggregates run as separate statements on connections of their own, so that
+# Postgres works on them at the same time (the order aggregates alone keep one core busy for
+# seconds), all on one snapshot. Grouped so the parts take about as long as each other.
+_NO_FILTER = {"order_filter": "", "payment_filter": "", "interaction_filter": ""}
+ALL_ACCOUNTS_PARTS: tuple[tuple[str, ...], ...] = (("o",), ("cat",), ("p", "i", "s"))
+ACCOUNTS_SQL = f"SELECT {', '.join(_ACCOUNT_COLUMNS)} FROM accounts a ORDER BY a.id"  # noqa: S608
 
 
-ALL_ACCOUNTS_SQL = _statement(filtered=False)
-SOME_ACCOUNTS_SQL = _statement(filtered=True)
+def _part_sql(name: str) -> tuple[str, tuple[int, ...]]:
+    """The statement of one aggregate over every account, with its parameters renumbered from
+    $1 (Postgres cannot type a parameter a statement does not use), and which of the shared
+    parameters (0-based) it takes, in order."""
+    sql = _AGGREGATES[name].format(**_NO_FILTER)
+    used = sorted({int(n) for n in re.findall(r"\$(\d+)", sql)})
+    renumber = {n: i for i, n in enumerate(used, 1)}
+    sql = re.sub(r"\$(\d+)", lambda m: f"${renumber[int(m.group(1))]}", sql)
+    columns = ", ".join(("account_id", *_AGGREGATE_COLUMNS[name]))
+    statement = f"SELECT {columns} FROM ({sql}) AS {name}"  # noqa: S608 - module constants
+    return statement, tuple(n - 1 for n in used)
+
+
+_PART_SQL = {name: _part_sql(name) for name in _AGGREGATES}
+_SNAPSHOT_ID = re.compile(r"[0-9A-F]+-[0-9A-F]+(-[0-9]+)?")
+
+
+# What the full aggregation may use on the server: enough memory for its hash tables not to
+# spill to disk (~100,000 accounts need ~10 MB each), and no JIT, whose compilation costs more
+# than it saves on these statements (measured on 5M orders).
+_FULL_AGGREGATION_SETTINGS = ("SET LOCAL jit = off", "SET LOCAL work_mem = '64MB'")
 
 
 @dataclass(frozen=True)
@@ -267,21 +311,71 @@ async def load_features(
 ) -> FeatureTable:
     """Aggregate the features of ``account_ids`` (every account when None) as of ``as_of``.
 
-    One statement, set-based: Postgres does the aggregation over orders, payments and
-    interactions; Python receives one row per account, never the orders themselves.
+    Set-based: Postgres does the aggregation over orders, payments and interactions; Python
+    receives one row per account, never the orders themselves. A few accounts take one
+    statement; every account takes one statement per aggregate, run at the same time on
+    connections of their own that share this transaction's snapshot.
     """
     connection = await session.connection()
     # The window bounds go in as values: an expression like ``$1 - interval '365 days'`` would
     # be evaluated again for every order row of every filter.
-    bounds = tuple(as_of - timedelta(days=days) for days in (365, 730, 90, 180))
-    if account_ids is None:
-        # JIT compilation costs more than it saves on this statement (measured on 5M orders).
-        await connection.exec_driver_sql("SET LOCAL jit = off")
-        result = await connection.exec_driver_sql(ALL_ACCOUNTS_SQL, (as_of, *bounds))
-    else:
-        result = await connection.exec_driver_sql(SOME_ACCOUNTS_SQL, (as_of, *bounds, account_ids))
-    rows = list(result.all())
+    params = (as_of, *(as_of - timedelta(days=days) for days in (365, 730, 90, 180)))
+    if account_ids is not None:
+        result = await connection.exec_driver_sql(SOME_ACCOUNTS_SQL, (*params, account_ids))
+        return build_feature_table(list(result.all()), as_of=as_of)
+    if session.in_nested_transaction():
+        # A snapshot cannot be exported from a savepoint (the policy preview runs in one).
+        for setting in _FULL_AGGREGATION_SETTINGS:
+            await connection.exec_driver_sql(setting)
+        result = await connection.exec_driver_sql(ALL_ACCOUNTS_SQL, params)
+        return build_feature_table(list(result.all()), as_of=as_of)
+    snapshot = await connection.exec_driver_sql("SELECT pg_export_snapshot()")
+    snapshot_id = str(snapshot.scalar_one())
+    if not _SNAPSHOT_ID.fullmatch(snapshot_id):
+        raise RuntimeError(f"unexpected snapshot id {snapshot_id!r}")
+    engine = session.bind
+    assert isinstance(engine, AsyncEngine), "sessions are bound to the one async engine"
+    parts = await asyncio.gather(
+        *(_load_parts(engine, snapshot_id, names, params) for names in ALL_ACCOUNTS_PARTS)
+    )
+    accounts: list[Any] = []
+    by_account: dict[str, dict[int, Any]] = {}
+    for part in parts:
+        accounts += part.pop("", [])
+        by_account |= {name: {row[0]: row for row in rows} for name, rows in part.items()}
+    rows = []
+    for account in accounts:
+        row = list(account)
+        for name, columns in _AGGREGATE_COLUMNS.items():
+            found = by_account[name].get(account[0])
+            row += found[1:] if found is not None else [None] * len(columns)
+        rows.append(row)
     return build_feature_table(rows, as_of=as_of)
+
+
+async def _load_parts(
+    engine: AsyncEngine, snapshot_id: str, names: tuple[str, ...], params: tuple[datetime, ...]
+) -> dict[str, list[Any]]:
+    """Run the aggregates ``names`` (and, with the last group, the accounts themselves, under
+    the key "") on a connection of their own, on the snapshot ``snapshot_id``."""
+    async with engine.connect() as helper:
+        repeatable = await helper.execution_options(isolation_level="REPEATABLE READ")
+        await repeatable.exec_driver_sql(f"SET TRANSACTION SNAPSHOT '{snapshot_id}'")
+        for setting in _FULL_AGGREGATION_SETTINGS:
+            await repeatable.exec_driver_sql(setting)
+        out = {name: await _fetch_part(repeatable, name, params) for name in names}
+        if names == ALL_ACCOUNTS_PARTS[-1]:
+            out[""] = list((await repeatable.exec_driver_sql(ACCOUNTS_SQL)).all())
+        await repeatable.rollback()
+        return out
+
+
+async def _fetch_part(
+    connection: AsyncConnection, name: str, params: tuple[datetime, ...]
+) -> list[Any]:
+    sql, used = _PART_SQL[name]
+    result = await connection.exec_driver_sql(sql, tuple(params[i] for i in used))
+    return list(result.all())
 
 
 def build_feature_table(rows: list[Any], *, as_of: datetime) -> FeatureTable:
