@@ -261,7 +261,9 @@ class IngestEvent(Base):
     account_external_id: Mapped[str | None] = mapped_column(String(EXTERNAL_ID_LENGTH), index=True)
     status: Mapped[str] = mapped_column(String(16))
     payload: Mapped[dict[str, Any]]
-    api_key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id", ondelete="SET NULL"))
+    # The key that sent it. Not a foreign key: that took a share lock on the key's one row for
+    # every event, and producers sharing a key queued on it. Keys are revoked, never deleted.
+    api_key_id: Mapped[int | None] = mapped_column(BigInteger)
     received_at: Mapped[datetime] = _created()
 
 

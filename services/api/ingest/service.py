@@ -203,6 +203,11 @@ RETURNING event_id
 """
 
 
+# One encoder for every event: ``json.dumps`` with options builds a new one per call, which is
+# a measurable share of a 1,000-event batch.
+_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def _raw_json(event: AnyEvent, payload: Mapping[str, Any] | None) -> str:
     """The audit record of an event: as received, or else its typed model dumped."""
     if payload is None:
@@ -210,7 +215,7 @@ def _raw_json(event: AnyEvent, payload: Mapping[str, Any] | None) -> str:
             "type": event_type(event).value,
             **event.model_dump(mode="json", exclude_unset=True),
         }
-    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+    return _JSON.encode(payload)
 
 
 async def _insert_raw_events(
@@ -414,13 +419,11 @@ SELECT
 
 
 def _lines(event: OrderData) -> str:
-    return json.dumps(
+    return _JSON.encode(
         [
             {"category": line.category, "quantity": str(line.quantity), "amount": str(line.amount)}
             for line in event.lines
-        ],
-        separators=(",", ":"),
-        ensure_ascii=False,
+        ]
     )
 
 
