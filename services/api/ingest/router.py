@@ -45,6 +45,7 @@ Writer = Annotated[Principal, Depends(require(Scope.events_write))]
 PathId = Annotated[ExternalId, Path(description="The producer's id of the entity.")]
 _ERRORS = problems(400, 401, 403, 413, 422, 503)
 _event_adapter: TypeAdapter[Any] = TypeAdapter(Event)
+_batch_adapter: TypeAdapter[list[Any]] = TypeAdapter(list[Event])
 
 
 async def _ingest_one(session: SessionDep, principal: Principal, event: AnyEvent) -> EventAck:
@@ -181,7 +182,14 @@ async def post_events(request: Request, session: SessionDep, principal: Writer) 
     results: list[ItemResult] = []
     valid: list[tuple[int, AnyEvent]] = []
     payloads: list[Any] = []
-    for index, item in enumerate(items):
+    try:
+        # The whole batch in one call is a quarter cheaper than item by item; a batch with any
+        # invalid item is validated again item by item, to tell which to reject.
+        valid = list(enumerate(_batch_adapter.validate_python(items)))
+        payloads = items
+    except ValidationError:
+        pass
+    for index, item in enumerate(items if not valid else ()):
         try:
             valid.append((index, _event_adapter.validate_python(item)))
             payloads.append(item)
