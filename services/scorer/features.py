@@ -193,7 +193,7 @@ ALL_ACCOUNTS_SQL = _one_statement_sql(filtered=False)
 # Postgres works on them at the same time (the order aggregates alone keep one core busy for
 # seconds), all on one snapshot. Grouped so the parts take about as long as each other.
 _NO_FILTER = {"order_filter": "", "payment_filter": "", "interaction_filter": ""}
-ALL_ACCOUNTS_PARTS: tuple[tuple[str, ...], ...] = (("o",), ("cat",), ("p", "i", "s"))
+ALL_ACCOUNTS_PARTS: tuple[tuple[str, ...], ...] = (("o",), ("cat",), ("p", "i", "s", "accounts"))
 ACCOUNTS_SQL = f"SELECT {', '.join(_ACCOUNT_COLUMNS)} FROM accounts a ORDER BY a.id"  # noqa: S608
 
 
@@ -210,7 +210,7 @@ def _part_sql(name: str) -> tuple[str, tuple[int, ...]]:
     return statement, tuple(n - 1 for n in used)
 
 
-_PART_SQL = {name: _part_sql(name) for name in _AGGREGATES}
+_PART_SQL = {name: _part_sql(name) for name in _AGGREGATES} | {"accounts": (ACCOUNTS_SQL, ())}
 _SNAPSHOT_ID = re.compile(r"[0-9A-F]+-[0-9A-F]+(-[0-9]+)?")
 
 
@@ -338,11 +338,9 @@ async def load_features(
     parts = await asyncio.gather(
         *(_load_parts(engine, snapshot_id, names, params) for names in ALL_ACCOUNTS_PARTS)
     )
-    accounts: list[Any] = []
-    by_account: dict[str, dict[int, Any]] = {}
-    for part in parts:
-        accounts += part.pop("", [])
-        by_account |= {name: {row[0]: row for row in rows} for name, rows in part.items()}
+    fetched = {name: rows for part in parts for name, rows in part.items()}
+    accounts = fetched.pop("accounts")
+    by_account = {name: {row[0]: row for row in rows} for name, rows in fetched.items()}
     rows = []
     for account in accounts:
         row = list(account)
@@ -356,16 +354,14 @@ async def load_features(
 async def _load_parts(
     engine: AsyncEngine, snapshot_id: str, names: tuple[str, ...], params: tuple[datetime, ...]
 ) -> dict[str, list[Any]]:
-    """Run the aggregates ``names`` (and, with the last group, the accounts themselves, under
-    the key "") on a connection of their own, on the snapshot ``snapshot_id``."""
+    """Run the statements ``names`` on a connection of their own, on the snapshot
+    ``snapshot_id``."""
     async with engine.connect() as helper:
         repeatable = await helper.execution_options(isolation_level="REPEATABLE READ")
         await repeatable.exec_driver_sql(f"SET TRANSACTION SNAPSHOT '{snapshot_id}'")
         for setting in _FULL_AGGREGATION_SETTINGS:
             await repeatable.exec_driver_sql(setting)
         out = {name: await _fetch_part(repeatable, name, params) for name in names}
-        if names == ALL_ACCOUNTS_PARTS[-1]:
-            out[""] = list((await repeatable.exec_driver_sql(ACCOUNTS_SQL)).all())
         await repeatable.rollback()
         return out
 
