@@ -148,17 +148,22 @@ _AGGREGATE_COLUMNS: dict[str, tuple[str, ...]] = {
 }
 
 
+_NO_FILTER = {"order_filter": "", "payment_filter": "", "interaction_filter": ""}
+
+
 def _one_statement_sql(*, filtered: bool) -> str:
     """One statement for the features of every account or (``filtered``) of the accounts in
     ``$6`` and, for a group's roll-up, their direct subsidiaries."""
     in_target = "IN (SELECT id FROM target)"
-    filters = {
-        "order_filter": f"AND o.account_id {in_target}",
-        "payment_filter": f"AND p.account_id {in_target}",
-        "interaction_filter": f"AND i.account_id {in_target}",
-    }
-    if not filtered:
-        filters = dict.fromkeys(filters, "")
+    filters = (
+        {
+            "order_filter": f"AND o.account_id {in_target}",
+            "payment_filter": f"AND p.account_id {in_target}",
+            "interaction_filter": f"AND i.account_id {in_target}",
+        }
+        if filtered
+        else _NO_FILTER
+    )
     ctes = ",\n".join(
         f"{name} AS (\n{sql.format(**filters).strip()}\n)" for name, sql in _AGGREGATES.items()
     )
@@ -192,7 +197,6 @@ ALL_ACCOUNTS_SQL = _one_statement_sql(filtered=False)
 # Every account: the aggregates run as separate statements on connections of their own, so that
 # Postgres works on them at the same time (the order aggregates alone keep one core busy for
 # seconds), all on one snapshot. Grouped so the parts take about as long as each other.
-_NO_FILTER = {"order_filter": "", "payment_filter": "", "interaction_filter": ""}
 ALL_ACCOUNTS_PARTS: tuple[tuple[str, ...], ...] = (("o",), ("cat",), ("p", "i", "s", "accounts"))
 ACCOUNTS_SQL = f"SELECT {', '.join(_ACCOUNT_COLUMNS)} FROM accounts a ORDER BY a.id"  # noqa: S608
 
