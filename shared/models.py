@@ -25,6 +25,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     Numeric,
+    Sequence,
     SmallInteger,
     String,
     Text,
@@ -137,12 +138,19 @@ class Account(Base):
     )
 
 
+# Numbers every change to an account's data, across all accounts: a later change always has a
+# larger number, even after the account's dirty mark was removed and written anew.
+ACCOUNT_CHANGES = Sequence("account_changes_seq", metadata=Base.metadata)
+
+
 class DirtyAccount(Base):
     """The scorer's to-do list: an account is dirty while it has a row here.
 
-    Written in the transaction that accepts an event for the account. ``seq`` grows with every
-    such event, so a rescore removes the row only if nothing arrived while it ran. A narrow table
-    of its own keeps this hot-path write off the wide, many-indexed ``accounts`` rows.
+    Written in the transaction that accepts an event for the account. ``seq`` takes a new number
+    from ``account_changes_seq`` with every such event, so a rescore removes the row only if
+    nothing arrived while it ran, and stored aggregates can tell whether they include the
+    account's latest change. A narrow table of its own keeps this hot-path write off the wide,
+    many-indexed ``accounts`` rows.
     """
 
     __tablename__ = "dirty_accounts"
@@ -150,7 +158,7 @@ class DirtyAccount(Base):
     account_id: Mapped[int] = mapped_column(
         ForeignKey("accounts.id", ondelete="CASCADE"), primary_key=True
     )
-    seq: Mapped[int] = mapped_column(BigInteger, server_default=text("1"))
+    seq: Mapped[int] = mapped_column(BigInteger, server_default=ACCOUNT_CHANGES.next_value())
     since: Mapped[datetime] = mapped_column(server_default=func.now(), index=True)
 
 
@@ -313,6 +321,29 @@ class PopulationFit(Base):
     accounts: Mapped[int] = mapped_column(Integer)
     facts: Mapped[dict[str, Any]]
     created_at: Mapped[datetime] = _created()
+
+
+class AccountAggregate(Base):
+    """An account's feature aggregates as of ``as_of``, kept so that the portfolio pass
+    aggregates again only the accounts whose data changed or whose windows moved past one of
+    their rows.
+
+    ``seq`` is the account's change number the aggregates include (its dirty mark's, or 0);
+    ``stale_at`` the first moment a row enters or leaves one of the windows (None: never, until
+    new data). ``aggregate_values`` are in the order of ``layout`` (features.AGGREGATES_LAYOUT),
+    so rows of an older layout are simply aggregated again.
+    """
+
+    __tablename__ = "account_aggregates"
+
+    account_id: Mapped[int] = mapped_column(
+        ForeignKey("accounts.id", ondelete="CASCADE"), primary_key=True
+    )
+    seq: Mapped[int] = mapped_column(BigInteger)
+    layout: Mapped[int] = mapped_column(SmallInteger)
+    as_of: Mapped[datetime]
+    stale_at: Mapped[datetime | None]
+    aggregate_values: Mapped[list[float | None]] = mapped_column(ARRAY(Double))
 
 
 class ScoreSnapshot(Base):

@@ -61,7 +61,9 @@ async def test_rescore_keeps_the_mark_when_an_event_arrived_meanwhile(
     async with session.begin():
         cleared = await jobs.clear_dirty_mark(session, account_id=account_id, seen_seq=seen)
     assert cleared is False
-    assert await session.scalar(select(DirtyAccount.seq)) == 2
+    newer = await session.scalar(select(DirtyAccount.seq))
+    assert newer is not None
+    assert newer > seen
     await session.commit()
 
     # the next rescore reads the newer mark and clears it

@@ -188,7 +188,7 @@ SELECT id FROM (
     SELECT parent_id FROM accounts WHERE id = ANY($1::bigint[]) AND parent_id IS NOT NULL
 ) AS target
 ORDER BY id
-ON CONFLICT (account_id) DO UPDATE SET seq = dirty_accounts.seq + 1
+ON CONFLICT (account_id) DO UPDATE SET seq = nextval('account_changes_seq')
 RETURNING account_id, xmax = 0 AS inserted
 """
 
@@ -421,7 +421,7 @@ dirty AS (
         SELECT account.parent_id FROM account, applied WHERE account.parent_id IS NOT NULL
     ) AS target
     ORDER BY id
-    ON CONFLICT (account_id) DO UPDATE SET seq = dirty_accounts.seq + 1
+    ON CONFLICT (account_id) DO UPDATE SET seq = nextval('account_changes_seq')
     RETURNING account_id, xmax = 0 AS inserted
 )
 SELECT
