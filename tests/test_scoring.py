@@ -3,6 +3,7 @@ overrides, risk that rises as an account goes quiet, and the history it keeps.""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -12,14 +13,34 @@ import pytest
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from services.scorer import features
 from services.scorer.engine import ScoringPolicy
-from services.scorer.features import load_features
+from services.scorer.features import (
+    Aggregates,
+    build_feature_table,
+    load_aggregates,
+    load_features,
+    store_aggregates,
+)
 from services.scorer.policies import active_policy, create_policy_version
 from services.scorer.scoring import preview_policy, rescore_accounts, run_portfolio_pass
 from shared.db import create_sessionmaker
-from shared.models import Account, DirtyAccount, PopulationFit, ScoreSnapshot, TierChange
+from shared.models import (
+    Account,
+    AccountAggregate,
+    DirtyAccount,
+    PopulationFit,
+    ScoreSnapshot,
+    TierChange,
+)
+from tests import factories
 from tests.conftest import RunWorker
 from tests.portfolio import AccountSpec, ordinary_accounts, send
+
+
+def _ts(moment: datetime) -> str:
+    return moment.isoformat().replace("+00:00", "Z")
+
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 
@@ -488,3 +509,98 @@ async def test_every_accounts_features_agree_with_the_one_statement_of_a_rescore
             assert np.array_equal(other.columns[name], column, equal_nan=True), name
     assert np.isfinite(everything.columns["categories_12m"]).all()
     assert everything.columns["invoices_12m"].sum() > 0
+
+
+def _assert_same_features(got: Any, expected: Any) -> None:
+    assert np.array_equal(got.account_id, expected.account_id)
+    assert set(got.columns) == set(expected.columns)
+    for name, column in expected.columns.items():
+        # Days late of open invoices are computed from stored sums: equal to well under a second.
+        assert np.allclose(got.columns[name], column, rtol=0, atol=1e-6, equal_nan=True), name
+
+
+async def test_a_pass_reuses_stored_aggregates_only_while_they_hold(
+    client: httpx.AsyncClient,
+    admin_headers: dict[str, str],
+    sessionmaker: async_sessionmaker[AsyncSession],
+    run_worker: RunWorker,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    quiet = AccountSpec(
+        "QUIET", every_days=45, last_days_ago=120, surveys=[4, 3], complaints_days_ago=[170]
+    )
+    specs = [*ordinary_accounts(12), STAR, LATE_BIG, quiet]
+    await send(client, admin_headers, specs, NOW)
+    extra = [
+        # open past its due date: its days late grow as time passes, with no event
+        factories.batch_item(
+            "payment", factories.payment("STAR", due_at=_ts(NOW - timedelta(days=5)), paid_at=None)
+        ),
+        # due later: it enters the invoices window then
+        factories.batch_item(
+            "payment",
+            factories.payment("QUIET", due_at=_ts(NOW + timedelta(days=20)), paid_at=None),
+        ),
+        # dated ahead: it counts from its date on
+        factories.batch_item(
+            "order", factories.order("N-1", ordered_at=_ts(NOW + timedelta(days=9)))
+        ),
+    ]
+    response = await client.post("/v1/events", json={"events": extra}, headers=admin_headers)
+    assert response.json()["accepted"] == len(extra), response.text
+    assert (await run_worker()).jobs_failed == 0  # the rescores clear every mark
+    assert await run_portfolio_pass(sessionmaker, now=NOW) == len(specs)
+    # Mixed reuse whatever the share of accounts to aggregate again.
+    monkeypatch.setattr(features, "REAGGREGATE_ALL_ABOVE", 1.0)
+
+    async def both(at: datetime) -> tuple[Aggregates, Any]:
+        async with sessionmaker() as session, session.begin():
+            reused = await load_aggregates(session, as_of=at, reuse=True)
+            anew = await load_features(session, as_of=at)
+        _assert_same_features(build_feature_table(reused), anew)
+        return reused, anew
+
+    # An hour later no row entered or left a window: every account reused, nothing aggregated.
+    reused, anew = await both(NOW + timedelta(hours=1))
+    assert not reused.fresh.any()
+    ids = {int(i): n for n, i in enumerate(anew.account_id)}
+    async with sessionmaker() as session:
+        rows = await session.execute(select(Account.external_id, Account.id))
+        row = {external_id: ids[account_id] for external_id, account_id in rows}
+    assert anew.columns["avg_days_late"][row["STAR"]] > 0
+
+    # Weeks later orders, invoices and a complaint have left or entered windows: those accounts
+    # are aggregated again, the others still reused, and all agree with a full aggregation.
+    reused, anew = await both(NOW + timedelta(days=12))
+    assert 0 < reused.fresh.sum() < len(reused)
+    for moved in ("QUIET", "N-1"):
+        assert reused.fresh[row[moved]], moved
+
+    # New data makes its account's stored row useless until it is aggregated again.
+    order = factories.order("LATE-BIG", ordered_at=_ts(NOW - timedelta(days=1)))
+    assert (await client.post("/v1/orders", json=order, headers=admin_headers)).status_code == 202
+    reused, anew = await both(NOW + timedelta(hours=2))
+    assert reused.fresh[row["LATE-BIG"]]
+    assert reused.fresh.sum() == 1
+
+
+async def test_stored_aggregates_never_go_back_to_an_earlier_change(
+    client: httpx.AsyncClient,
+    admin_headers: dict[str, str],
+    sessionmaker: async_sessionmaker[AsyncSession],
+) -> None:
+    await send(client, admin_headers, [STAR], NOW)
+    async with sessionmaker() as session, session.begin():
+        now = await load_aggregates(session, as_of=NOW, account_ids=[], reuse=False)
+        everything = await load_aggregates(session, as_of=NOW)
+        assert len(now) == 0
+        assert await store_aggregates(session, everything) == 1
+    seq = int(everything.seq[0])
+    assert seq > 0  # the mark's change number
+    older = replace(everything, as_of=NOW + timedelta(days=1), seq=everything.seq - 1)
+    async with sessionmaker() as session, session.begin():
+        await store_aggregates(session, older)
+    async with sessionmaker() as session:
+        stored = await session.get_one(AccountAggregate, int(everything.account_id[0]))
+        assert (stored.seq, stored.as_of) == (seq, NOW)
+        assert len(stored.aggregate_values) == len(features.VALUE_COLUMNS)

@@ -41,33 +41,57 @@ _DAY = 86400.0
 
 # The aggregates, one per source, each grouped by account. Their text is shared by the one
 # statement of a rescore and by the parts of a full aggregation, so a feature means the same in
-# both. ``{order_filter}`` and its kin narrow a rescore to its accounts.
+# both. ``{order_filter}`` and its kin narrow a statement to its accounts.
+#
+# Each source also gives the first moment one of its rows enters or leaves a window
+# (``*_change_at``): until then, and until the account's data changes, its aggregates as of a
+# later time are these ones, and the portfolio pass reuses them instead of aggregating again.
+# Only time-only quantities (days since, days late of open invoices) move meanwhile, and those
+# are computed from the stored values. Intervals are in hours: a day is not 24 hours across a
+# daylight-saving change in the session's time zone.
 _AGGREGATES: dict[str, str] = {
     "o": """
 SELECT
     o.account_id,
     sum(o.amount) FILTER (
-        WHERE o.ordered_at > $2::timestamptz
+        WHERE o.ordered_at > $2::timestamptz AND o.ordered_at <= $1::timestamptz
     ) AS revenue_12m,
     sum(o.amount) FILTER (
-        WHERE o.ordered_at > $2::timestamptz AND o.cost IS NOT NULL
+        WHERE o.ordered_at > $2::timestamptz AND o.ordered_at <= $1::timestamptz
+          AND o.cost IS NOT NULL
     ) AS costed_revenue_12m,
     sum(o.amount - o.cost) FILTER (
-        WHERE o.ordered_at > $2::timestamptz AND o.cost IS NOT NULL
+        WHERE o.ordered_at > $2::timestamptz AND o.ordered_at <= $1::timestamptz
+          AND o.cost IS NOT NULL
     ) AS costed_profit_12m,
     sum(o.amount) FILTER (
-        WHERE o.ordered_at <= $2::timestamptz
-          AND o.ordered_at > $3::timestamptz
+        WHERE o.ordered_at <= $2::timestamptz AND o.ordered_at > $3::timestamptz
     ) AS revenue_prev_12m,
-    count(*) FILTER (WHERE o.ordered_at > $2::timestamptz) AS orders_12m,
-    count(*) FILTER (WHERE o.ordered_at > $4::timestamptz) AS orders_90d,
-    min(o.ordered_at) AS first_order_at,
-    max(o.ordered_at) AS last_order_at,
-    count(DISTINCT (o.ordered_at AT TIME ZONE 'UTC')::date) AS order_days
+    count(*) FILTER (
+        WHERE o.ordered_at > $2::timestamptz AND o.ordered_at <= $1::timestamptz
+    ) AS orders_12m,
+    count(*) FILTER (
+        WHERE o.ordered_at > $4::timestamptz AND o.ordered_at <= $1::timestamptz
+    ) AS orders_90d,
+    min(o.ordered_at) FILTER (WHERE o.ordered_at <= $1::timestamptz) AS first_order_at,
+    max(o.ordered_at) FILTER (WHERE o.ordered_at <= $1::timestamptz) AS last_order_at,
+    nullif(count(DISTINCT (o.ordered_at AT TIME ZONE 'UTC')::date) FILTER (
+        WHERE o.ordered_at <= $1::timestamptz
+    ), 0) AS order_days,
+    least(
+        min(o.ordered_at) FILTER (WHERE o.ordered_at > $1::timestamptz),
+        min(o.ordered_at) FILTER (WHERE o.ordered_at > $4::timestamptz)
+            + interval '2160 hours',
+        min(o.ordered_at) FILTER (WHERE o.ordered_at > $2::timestamptz)
+            + interval '8760 hours',
+        min(o.ordered_at) FILTER (WHERE o.ordered_at > $3::timestamptz)
+            + interval '17520 hours'
+    ) AS orders_change_at
 FROM orders o
-WHERE o.status = 'placed' AND o.ordered_at <= $1::timestamptz {order_filter}
+WHERE o.status = 'placed' {order_filter}
 GROUP BY o.account_id
 """,
+    # Its rows enter and leave its window with the orders' 12-month window: no change time.
     "cat": """
 -- Distinct (account, category) pairs first: a hash of a few pairs per account, which
 -- Postgres can build in parallel, where count(DISTINCT) sorts every order line.
@@ -80,32 +104,56 @@ FROM (
 ) pairs
 GROUP BY pairs.account_id
 """,
+    # Days late grow with time for an invoice still open past its due date, so those are
+    # counted with the sum of their due dates, and their days late computed for any later time.
     "p": """
 SELECT
     p.account_id,
-    count(*) AS invoices_due,
+    count(*) FILTER (WHERE p.due_at <= $1::timestamptz) AS invoices_due,
     count(*) FILTER (
-        WHERE least(coalesce(p.paid_at, $1::timestamptz), $1::timestamptz) > p.due_at
-    ) AS invoices_late,
-    avg(greatest(extract(epoch FROM
-        least(coalesce(p.paid_at, $1::timestamptz), $1::timestamptz) - p.due_at), 0)
-    ) / 86400.0 AS avg_days_late
+        WHERE p.due_at <= $1::timestamptz AND p.paid_at <= $1::timestamptz
+          AND p.paid_at > p.due_at
+    ) AS invoices_paid_late,
+    sum(extract(epoch FROM p.paid_at - p.due_at)) FILTER (
+        WHERE p.due_at <= $1::timestamptz AND p.paid_at <= $1::timestamptz
+          AND p.paid_at > p.due_at
+    ) AS paid_late_seconds,
+    count(*) FILTER (
+        WHERE p.due_at < $1::timestamptz AND (p.paid_at IS NULL OR p.paid_at > $1::timestamptz)
+    ) AS invoices_overdue,
+    sum(extract(epoch FROM p.due_at)) FILTER (
+        WHERE p.due_at < $1::timestamptz AND (p.paid_at IS NULL OR p.paid_at > $1::timestamptz)
+    ) AS overdue_due_epoch,
+    least(
+        min(p.due_at) FILTER (WHERE p.due_at >= $1::timestamptz),
+        min(p.due_at) + interval '8760 hours',
+        min(p.paid_at) FILTER (
+            WHERE p.due_at <= $1::timestamptz AND p.paid_at > $1::timestamptz
+        )
+    ) AS payments_change_at
 FROM payments p
-WHERE p.due_at <= $1::timestamptz
-  AND p.due_at > $2::timestamptz {payment_filter}
+WHERE p.due_at > $2::timestamptz {payment_filter}
 GROUP BY p.account_id
 """,
     "i": """
 SELECT
     i.account_id,
-    max(i.occurred_at) AS last_interaction_at,
+    max(i.occurred_at) FILTER (WHERE i.occurred_at <= $1::timestamptz) AS last_interaction_at,
     count(*) FILTER (
         WHERE i.kind = 'complaint' AND i.occurred_at > $5::timestamptz
-    ) AS complaints_180d
+          AND i.occurred_at <= $1::timestamptz
+    ) AS complaints_180d,
+    least(
+        min(i.occurred_at) FILTER (WHERE i.occurred_at > $1::timestamptz),
+        min(i.occurred_at) FILTER (
+            WHERE i.kind = 'complaint' AND i.occurred_at > $5::timestamptz
+        ) + interval '4320 hours'
+    ) AS interactions_change_at
 FROM interactions i
-WHERE i.occurred_at <= $1::timestamptz {interaction_filter}
+WHERE true {interaction_filter}
 GROUP BY i.account_id
 """,
+    # Changes only when a survey arrives or its time comes: the interactions' change time.
     "s": """
 SELECT
     ranked.account_id,
@@ -127,8 +175,7 @@ GROUP BY ranked.account_id
 """,
 }
 
-# The columns of a feature row, in order: the account's own, then each aggregate's.
-_ACCOUNT_COLUMNS = ("a.id", "a.parent_id", "a.status", "a.strategic_fit", "a.created_at")
+# The values of each aggregate, in order; those named ``*_at`` are times (epoch seconds).
 _AGGREGATE_COLUMNS: dict[str, tuple[str, ...]] = {
     "o": (
         "revenue_12m",
@@ -140,20 +187,55 @@ _AGGREGATE_COLUMNS: dict[str, tuple[str, ...]] = {
         "first_order_at",
         "last_order_at",
         "order_days",
+        "orders_change_at",
     ),
     "cat": ("categories_12m",),
-    "p": ("invoices_due", "invoices_late", "avg_days_late"),
-    "i": ("last_interaction_at", "complaints_180d"),
+    "p": (
+        "invoices_due",
+        "invoices_paid_late",
+        "paid_late_seconds",
+        "invoices_overdue",
+        "overdue_due_epoch",
+        "payments_change_at",
+    ),
+    "i": ("last_interaction_at", "complaints_180d", "interactions_change_at"),
     "s": ("satisfaction_last", "satisfaction_previous"),
 }
+VALUE_COLUMNS: tuple[str, ...] = tuple(c for names in _AGGREGATE_COLUMNS.values() for c in names)
+_VALUE_INDEX = {name: i for i, name in enumerate(VALUE_COLUMNS)}
+_CHANGE_COLUMNS = ("orders_change_at", "payments_change_at", "interactions_change_at")
+# The layout of ``account_aggregates.aggregate_values``: bump it whenever the aggregates above
+# change, and stored rows of the older layout are aggregated anew.
+AGGREGATES_LAYOUT = 1
 
+
+def _value_sql(source: str, column: str) -> str:
+    if column.endswith("_at"):
+        return f"extract(epoch FROM {source}.{column})::float8"
+    return f"{source}.{column}::float8"
+
+
+# An account's own columns, its change number (that of its dirty mark, else that its stored
+# aggregates include), and, where the statement joins them, its aggregate values.
+_ACCOUNT_COLUMNS = (
+    "a.id",
+    "a.parent_id",
+    "a.status = 'lost'",
+    "a.strategic_fit::float8",
+    "extract(epoch FROM a.created_at)::float8",
+    "coalesce(d.seq, c.seq, 0)",
+)
+_ACCOUNT_WIDTH = len(_ACCOUNT_COLUMNS)
+_MARKS_JOIN = """
+LEFT JOIN dirty_accounts d ON d.account_id = a.id
+LEFT JOIN account_aggregates c ON c.account_id = a.id"""
 
 _NO_FILTER = {"order_filter": "", "payment_filter": "", "interaction_filter": ""}
 
 
-def _one_statement_sql(*, filtered: bool) -> str:
-    """One statement for the features of every account or (``filtered``) of the accounts in
-    ``$6`` and, for a group's roll-up, their direct subsidiaries."""
+def _one_statement_sql(*, filtered: bool, subsidiaries: bool = True) -> str:
+    """One statement for the aggregates of every account or (``filtered``) of the accounts in
+    ``$6`` and, for a group's roll-up (``subsidiaries``), their direct subsidiaries."""
     in_target = "IN (SELECT id FROM target)"
     filters = (
         {
@@ -169,12 +251,11 @@ def _one_statement_sql(*, filtered: bool) -> str:
     )
     columns = [*_ACCOUNT_COLUMNS]
     for name, names in _AGGREGATE_COLUMNS.items():
-        columns += [f"{name}.{column}" for column in names]
+        columns += [_value_sql(name, column) for column in names]
     joins = "\n".join(f"LEFT JOIN {name} ON {name}.account_id = a.id" for name in _AGGREGATES)
-    account_filter, child_filter = (
-        ("WHERE a.id = ANY($6::bigint[])", "WHERE c.parent_id = ANY($6::bigint[])")
-        if filtered
-        else ("", "WHERE false")
+    account_filter = "WHERE a.id = ANY($6::bigint[])" if filtered else ""
+    child_filter = (
+        "WHERE c.parent_id = ANY($6::bigint[])" if filtered and subsidiaries else "WHERE false"
     )
     return f"""
 WITH target AS (
@@ -186,19 +267,40 @@ WITH target AS (
 SELECT {", ".join(columns)}
 FROM accounts a
 JOIN target t ON t.id = a.id
-{joins}
+{joins}{_MARKS_JOIN}
 ORDER BY a.id
 """  # noqa: S608 - the text is this module's constants; values travel as $n parameters
 
 
 SOME_ACCOUNTS_SQL = _one_statement_sql(filtered=True)
+ONLY_ACCOUNTS_SQL = _one_statement_sql(filtered=True, subsidiaries=False)
 ALL_ACCOUNTS_SQL = _one_statement_sql(filtered=False)
 
 # Every account: the aggregates run as separate statements on connections of their own, so that
 # Postgres works on them at the same time (the order aggregates alone keep one core busy for
 # seconds), all on one snapshot. Grouped so the parts take about as long as each other.
 ALL_ACCOUNTS_PARTS: tuple[tuple[str, ...], ...] = (("o",), ("cat",), ("p", "i", "s", "accounts"))
-ACCOUNTS_SQL = f"SELECT {', '.join(_ACCOUNT_COLUMNS)} FROM accounts a ORDER BY a.id"  # noqa: S608
+ACCOUNTS_SQL = f"""
+SELECT {", ".join(_ACCOUNT_COLUMNS)}
+FROM accounts a{_MARKS_JOIN}
+ORDER BY a.id
+"""  # noqa: S608 - module constants
+
+# What the portfolio pass reads first: every account, and its stored aggregates where they still
+# hold as of $1 (clean since they were taken, taken no later than $1, no row entered or left a
+# window since, this layout), else NULL.
+REUSABLE_SQL = f"""
+SELECT {", ".join(_ACCOUNT_COLUMNS)},
+       CASE WHEN d.account_id IS NULL AND c.layout = $2::smallint
+                 AND c.as_of <= $1::timestamptz
+                 AND (c.stale_at IS NULL OR c.stale_at > $1::timestamptz)
+            THEN c.aggregate_values END
+FROM accounts a{_MARKS_JOIN}
+ORDER BY a.id
+"""  # noqa: S608 - module constants
+# Past this share of accounts to aggregate anew, the full aggregation on both cores is faster
+# than one statement for the listed accounts.
+REAGGREGATE_ALL_ABOVE = 0.25
 
 
 def _part_sql(name: str) -> tuple[str, tuple[int, ...]]:
@@ -209,7 +311,9 @@ def _part_sql(name: str) -> tuple[str, tuple[int, ...]]:
     used = sorted({int(n) for n in re.findall(r"\$(\d+)", sql)})
     renumber = {n: i for i, n in enumerate(used, 1)}
     sql = re.sub(r"\$(\d+)", lambda m: f"${renumber[int(m.group(1))]}", sql)
-    columns = ", ".join(("account_id", *_AGGREGATE_COLUMNS[name]))
+    columns = ", ".join(
+        ("account_id", *(_value_sql(name, column) for column in _AGGREGATE_COLUMNS[name]))
+    )
     statement = f"SELECT {columns} FROM ({sql}) AS {name}"  # noqa: S608 - module constants
     return statement, tuple(n - 1 for n in used)
 
@@ -291,9 +395,67 @@ class FeatureTable:
         return out
 
 
-def _column(rows: list[Any], index: int) -> FloatArray:
-    return np.array(
-        [math.nan if row[index] is None else float(row[index]) for row in rows], dtype=np.float64
+@dataclass(frozen=True)
+class Aggregates:
+    """Accounts' aggregate rows as of ``as_of``, in ascending account id order: their own
+    columns, the change number each row includes, and the values in the order of
+    ``VALUE_COLUMNS`` (times as epoch seconds, missing as nan). ``fresh`` marks the rows
+    aggregated now, as opposed to stored ones reused."""
+
+    as_of: datetime
+    account_id: np.ndarray[Any, np.dtype[np.int64]]
+    parent_id: np.ndarray[Any, np.dtype[np.int64]]  # 0 = no parent
+    lost: np.ndarray[Any, np.dtype[np.bool_]]
+    strategic_fit: FloatArray
+    created: FloatArray
+    seq: np.ndarray[Any, np.dtype[np.int64]]
+    values: np.ndarray[Any, np.dtype[np.float64]]  # accounts x VALUE_COLUMNS
+    fresh: np.ndarray[Any, np.dtype[np.bool_]]
+
+    def __len__(self) -> int:
+        return len(self.account_id)
+
+    def value(self, name: str) -> FloatArray:
+        return np.asarray(self.values[:, _VALUE_INDEX[name]], dtype=np.float64)
+
+    def stale_at(self) -> FloatArray:
+        """When each row stops holding by time alone (epoch seconds; inf: not by time)."""
+        changes = self.values[:, [_VALUE_INDEX[name] for name in _CHANGE_COLUMNS]]
+        return np.asarray(np.min(np.nan_to_num(changes, nan=np.inf), axis=1), dtype=np.float64)
+
+    def take(self, mask: np.ndarray[Any, np.dtype[np.bool_]]) -> Aggregates:
+        return Aggregates(
+            as_of=self.as_of,
+            account_id=self.account_id[mask],
+            parent_id=self.parent_id[mask],
+            lost=self.lost[mask],
+            strategic_fit=self.strategic_fit[mask],
+            created=self.created[mask],
+            seq=self.seq[mask],
+            values=self.values[mask],
+            fresh=self.fresh[mask],
+        )
+
+
+def _aggregates(
+    rows: list[Any], values: list[Any] | None, *, as_of: datetime, fresh: bool | list[bool]
+) -> Aggregates:
+    """Rows of ``_ACCOUNT_COLUMNS`` (followed by the values, when ``values`` is None) to
+    columns."""
+    n = len(rows)
+    if values is None:
+        values = [row[_ACCOUNT_WIDTH:] for row in rows]
+    matrix = np.array(values, dtype=np.float64).reshape(n, len(VALUE_COLUMNS))
+    return Aggregates(
+        as_of=as_of,
+        account_id=np.fromiter((row[0] for row in rows), dtype=np.int64, count=n),
+        parent_id=np.fromiter((row[1] or 0 for row in rows), dtype=np.int64, count=n),
+        lost=np.fromiter((bool(row[2]) for row in rows), dtype=np.bool_, count=n),
+        strategic_fit=np.array([row[3] for row in rows], dtype=np.float64).reshape(n),
+        created=np.array([row[4] for row in rows], dtype=np.float64).reshape(n),
+        seq=np.fromiter((row[5] for row in rows), dtype=np.int64, count=n),
+        values=matrix,
+        fresh=np.asarray(fresh, dtype=np.bool_) if isinstance(fresh, list) else np.full(n, fresh),
     )
 
 
@@ -303,36 +465,58 @@ def _days_between(
     return np.asarray((later - earlier) / _DAY, dtype=np.float64)
 
 
-def _epoch(rows: list[Any], index: int) -> FloatArray:
-    return np.array(
-        [math.nan if row[index] is None else row[index].timestamp() for row in rows],
-        dtype=np.float64,
-    )
+def _window_params(as_of: datetime) -> tuple[datetime, ...]:
+    # The window bounds go in as values: an expression like ``$1 - interval '365 days'`` would
+    # be evaluated again for every order row of every filter.
+    return (as_of, *(as_of - timedelta(days=days) for days in (365, 730, 90, 180)))
 
 
 async def load_features(
-    session: AsyncSession, *, as_of: datetime, account_ids: list[int] | None = None
+    session: AsyncSession,
+    *,
+    as_of: datetime,
+    account_ids: list[int] | None = None,
+    reuse: bool = False,
 ) -> FeatureTable:
-    """Aggregate the features of ``account_ids`` (every account when None) as of ``as_of``.
+    """The features of ``account_ids`` (every account when None) as of ``as_of``."""
+    aggregates = await load_aggregates(session, as_of=as_of, account_ids=account_ids, reuse=reuse)
+    return build_feature_table(aggregates)
+
+
+async def load_aggregates(
+    session: AsyncSession,
+    *,
+    as_of: datetime,
+    account_ids: list[int] | None = None,
+    reuse: bool = False,
+) -> Aggregates:
+    """Aggregate ``account_ids`` (and their direct subsidiaries, for the group roll-up), or every
+    account when None, as of ``as_of``.
 
     Set-based: Postgres does the aggregation over orders, payments and interactions; Python
     receives one row per account, never the orders themselves. A few accounts take one
     statement; every account takes one statement per aggregate, run at the same time on
-    connections of their own that share this transaction's snapshot.
+    connections of their own that share this transaction's snapshot. With ``reuse``, every
+    account's stored aggregates that still hold as of ``as_of`` are taken as they are and only
+    the others are aggregated (all of them anew when they are many).
     """
     connection = await session.connection()
-    # The window bounds go in as values: an expression like ``$1 - interval '365 days'`` would
-    # be evaluated again for every order row of every filter.
-    params = (as_of, *(as_of - timedelta(days=days) for days in (365, 730, 90, 180)))
+    params = _window_params(as_of)
     if account_ids is not None:
         result = await connection.exec_driver_sql(SOME_ACCOUNTS_SQL, (*params, account_ids))
-        return build_feature_table(list(result.all()), as_of=as_of)
+        return _aggregates(list(result.all()), None, as_of=as_of, fresh=True)
+    if reuse:
+        plan = await connection.exec_driver_sql(REUSABLE_SQL, (as_of, AGGREGATES_LAYOUT))
+        rows = list(plan.all())
+        stale = [int(row[0]) for row in rows if row[_ACCOUNT_WIDTH] is None]
+        if len(stale) <= REAGGREGATE_ALL_ABOVE * len(rows):
+            return await _reuse_and_aggregate(connection, rows, stale, as_of=as_of)
     if session.in_nested_transaction():
         # A snapshot cannot be exported from a savepoint (the policy preview runs in one).
         for setting in _FULL_AGGREGATION_SETTINGS:
             await connection.exec_driver_sql(setting)
         result = await connection.exec_driver_sql(ALL_ACCOUNTS_SQL, params)
-        return build_feature_table(list(result.all()), as_of=as_of)
+        return _aggregates(list(result.all()), None, as_of=as_of, fresh=True)
     snapshot = await connection.exec_driver_sql("SELECT pg_export_snapshot()")
     snapshot_id = str(snapshot.scalar_one())
     if not _SNAPSHOT_ID.fullmatch(snapshot_id):
@@ -345,14 +529,42 @@ async def load_features(
     fetched = {name: rows for part in parts for name, rows in part.items()}
     accounts = fetched.pop("accounts")
     by_account = {name: {row[0]: row for row in rows} for name, rows in fetched.items()}
-    rows = []
+    values = []
     for account in accounts:
-        row = list(account)
+        row: list[Any] = []
         for name, columns in _AGGREGATE_COLUMNS.items():
             found = by_account[name].get(account[0])
             row += found[1:] if found is not None else [None] * len(columns)
-        rows.append(row)
-    return build_feature_table(rows, as_of=as_of)
+        values.append(row)
+    return _aggregates(accounts, values, as_of=as_of, fresh=True)
+
+
+async def _reuse_and_aggregate(
+    connection: AsyncConnection, rows: list[Any], stale: list[int], *, as_of: datetime
+) -> Aggregates:
+    """Every account of ``rows`` (``REUSABLE_SQL``): the stored values where they hold, and the
+    accounts in ``stale`` aggregated now, in one statement."""
+    fresh_rows: dict[int, Any] = {}
+    if stale:
+        result = await connection.exec_driver_sql(
+            ONLY_ACCOUNTS_SQL, (*_window_params(as_of), stale)
+        )
+        fresh_rows = {int(row[0]): row for row in result.all()}
+    accounts = []
+    values = []
+    fresh = []
+    for row in rows:
+        found = fresh_rows.get(row[0])
+        if found is not None:
+            accounts.append(found)
+            values.append(found[_ACCOUNT_WIDTH:])
+            fresh.append(True)
+        elif row[_ACCOUNT_WIDTH] is not None:
+            accounts.append(row)
+            values.append(row[_ACCOUNT_WIDTH])
+            fresh.append(False)
+        # else: an account created after the plan was read; its own rescore scores it
+    return _aggregates(accounts, values, as_of=as_of, fresh=fresh)
 
 
 async def _load_parts(
@@ -378,31 +590,77 @@ async def _fetch_part(
     return list(result.all())
 
 
-def build_feature_table(rows: list[Any], *, as_of: datetime) -> FeatureTable:
-    """Turn the statement's rows into feature columns (vectorised)."""
-    now = as_of.timestamp()
-    account_id = np.array([row[0] for row in rows], dtype=np.int64)
-    parent_id = np.array([row[1] or 0 for row in rows], dtype=np.int64)
-    lost = np.array([row[2] == "lost" for row in rows], dtype=np.bool_)
-    strategic_fit = _column(rows, 3)
-    created = _epoch(rows, 4)
-    revenue_12m = np.nan_to_num(_column(rows, 5), nan=0.0)
-    costed_revenue = _column(rows, 6)
-    costed_profit = _column(rows, 7)
-    revenue_prev = _column(rows, 8)
-    orders_12m = np.nan_to_num(_column(rows, 9), nan=0.0)
-    orders_90d = np.nan_to_num(_column(rows, 10), nan=0.0)
-    first_order = _epoch(rows, 11)
-    last_order = _epoch(rows, 12)
-    order_days = _column(rows, 13)
-    categories = np.nan_to_num(_column(rows, 14), nan=0.0)
-    invoices_due = _column(rows, 15)
-    invoices_late = _column(rows, 16)
-    avg_days_late = _column(rows, 17)
-    last_interaction = _epoch(rows, 18)
-    complaints = np.nan_to_num(_column(rows, 19), nan=0.0)
-    satisfaction_last = _column(rows, 20)
-    satisfaction_previous = _column(rows, 21)
+_STORE_AGGREGATES = f"""
+INSERT INTO account_aggregates AS c (account_id, seq, layout, as_of, stale_at, aggregate_values)
+SELECT u.account_id, u.seq, $2::smallint, $3::timestamptz,
+       CASE WHEN u.stale_at = 'Infinity' THEN NULL ELSE to_timestamp(u.stale_at) END,
+       ARRAY[{", ".join(f"u.v{i}" for i in range(len(VALUE_COLUMNS)))}]
+FROM unnest($1::bigint[], $4::bigint[], $5::float8[],
+            {", ".join(f"${i + 6}::float8[]" for i in range(len(VALUE_COLUMNS)))})
+     AS u(account_id, seq, stale_at, {", ".join(f"v{i}" for i in range(len(VALUE_COLUMNS)))})
+ORDER BY u.account_id
+ON CONFLICT (account_id) DO UPDATE SET
+    seq = excluded.seq,
+    layout = excluded.layout,
+    as_of = excluded.as_of,
+    stale_at = excluded.stale_at,
+    aggregate_values = excluded.aggregate_values
+WHERE c.seq <= excluded.seq
+"""  # noqa: S608 - module constants
+
+
+async def store_aggregates(session: AsyncSession, aggregates: Aggregates) -> int:
+    """Keep the ``fresh`` rows for the passes to come; returns how many.
+
+    A row replaces a stored one unless that one includes a later change (a rescore that ran
+    meanwhile), so what is stored never goes back in time."""
+    rows = aggregates.take(aggregates.fresh)
+    if not len(rows):
+        return 0
+    columns = [
+        [None if math.isnan(v) else v for v in rows.values[:, i].tolist()]
+        for i in range(len(VALUE_COLUMNS))
+    ]
+    connection = await session.connection()
+    await connection.exec_driver_sql(
+        _STORE_AGGREGATES,
+        (
+            rows.account_id.tolist(),
+            AGGREGATES_LAYOUT,
+            aggregates.as_of,
+            rows.seq.tolist(),
+            rows.stale_at().tolist(),
+            *columns,
+        ),
+    )
+    return len(rows)
+
+
+def build_feature_table(aggregates: Aggregates) -> FeatureTable:
+    """Turn aggregate rows into feature columns as of their ``as_of`` (vectorised)."""
+    now = aggregates.as_of.timestamp()
+    v = aggregates.value
+    revenue_12m = np.nan_to_num(v("revenue_12m"), nan=0.0)
+    costed_revenue = v("costed_revenue_12m")
+    costed_profit = v("costed_profit_12m")
+    revenue_prev = v("revenue_prev_12m")
+    orders_12m = np.nan_to_num(v("orders_12m"), nan=0.0)
+    orders_90d = np.nan_to_num(v("orders_90d"), nan=0.0)
+    first_order = v("first_order_at")
+    last_order = v("last_order_at")
+    order_days = v("order_days")
+    categories = np.nan_to_num(v("categories_12m"), nan=0.0)
+    invoices_due = np.nan_to_num(v("invoices_due"), nan=0.0)
+    overdue = np.nan_to_num(v("invoices_overdue"), nan=0.0)
+    invoices_late = np.nan_to_num(v("invoices_paid_late"), nan=0.0) + overdue
+    # Days late: fixed for the invoices paid, still growing for those open past their due date.
+    seconds_late = (
+        np.nan_to_num(v("paid_late_seconds"), nan=0.0)
+        + overdue * now
+        - np.nan_to_num(v("overdue_due_epoch"), nan=0.0)
+    )
+    last_interaction = v("last_interaction_at")
+    complaints = np.nan_to_num(v("complaints_180d"), nan=0.0)
 
     with np.errstate(invalid="ignore", divide="ignore"):
         margin_rate = np.where(costed_revenue > 0, costed_profit / costed_revenue, np.nan)
@@ -423,7 +681,10 @@ def build_feature_table(rows: list[Any], *, as_of: datetime) -> FeatureTable:
             had_previous_year & (previous <= 0) & (revenue_12m <= 0), 0.0, revenue_growth
         )
         late_share = np.where(invoices_due > 0, invoices_late / invoices_due, np.nan)
-    first_seen = np.fmin(created, first_order)
+        avg_days_late = np.where(
+            invoices_due > 0, np.maximum(seconds_late, 0.0) / invoices_due / _DAY, np.nan
+        )
+    first_seen = np.fmin(aggregates.created, first_order)
     columns: dict[str, FloatArray] = {
         "revenue_12m": revenue_12m,
         "gross_profit_12m": gross_profit,
@@ -436,21 +697,27 @@ def build_feature_table(rows: list[Any], *, as_of: datetime) -> FeatureTable:
         "revenue_growth": revenue_growth,
         "revenue_prev_12m": np.where(had_previous_year, previous, np.nan),
         "late_share": late_share,
-        "avg_days_late": np.where(invoices_due > 0, avg_days_late, np.nan),
-        "invoices_12m": np.nan_to_num(invoices_due, nan=0.0),
-        "satisfaction_last": satisfaction_last,
-        "satisfaction_previous": satisfaction_previous,
+        "avg_days_late": avg_days_late,
+        "invoices_12m": invoices_due,
+        "satisfaction_last": v("satisfaction_last"),
+        "satisfaction_previous": v("satisfaction_previous"),
         "complaints_180d": complaints,
         "days_since_last_contact": _days_between(now, last_interaction),
-        "strategic_fit": strategic_fit,
+        "strategic_fit": aggregates.strategic_fit,
         "account_age_days": np.maximum(_days_between(now, first_seen), 0.0),
         "x": x,
         "t_x": t_x,
         "T": T,
     }
-    columns.update(_group_rollup(account_id, parent_id, revenue_12m, gross_profit))
+    columns.update(
+        _group_rollup(aggregates.account_id, aggregates.parent_id, revenue_12m, gross_profit)
+    )
     return FeatureTable(
-        as_of=as_of, account_id=account_id, parent_id=parent_id, lost=lost, columns=columns
+        as_of=aggregates.as_of,
+        account_id=aggregates.account_id,
+        parent_id=aggregates.parent_id,
+        lost=aggregates.lost,
+        columns=columns,
     )
 
 

@@ -55,7 +55,13 @@ from services.scorer.engine import (
     score_breakdown,
 )
 from services.scorer.engine.arrays import FloatArray
-from services.scorer.features import FeatureTable, load_features
+from services.scorer.features import (
+    FeatureTable,
+    build_feature_table,
+    load_aggregates,
+    load_features,
+    store_aggregates,
+)
 from services.scorer.policies import LOCK_NAMESPACE, active_policy
 from services.scorer.webhook_events import record_account_events
 from shared.enums import RiskBand, Tier
@@ -799,9 +805,12 @@ async def rescore_accounts(
         )
         await session.flush()
     rows = await _lock_state(session, sorted(set(account_ids)))
-    table = await load_features(session, as_of=at, account_ids=sorted(rows))
-    # Subsidiaries come back too (for the group roll-up); only the asked-for ones are scored.
-    table = table.take(np.isin(table.account_id, np.array(sorted(rows), dtype=np.int64)))
+    aggregates = await load_aggregates(session, as_of=at, account_ids=sorted(rows))
+    # Subsidiaries come back too (for the group roll-up); only the asked-for ones are scored,
+    # and their aggregates kept for the next portfolio pass.
+    asked = np.isin(aggregates.account_id, np.array(sorted(rows), dtype=np.int64))
+    await store_aggregates(session, aggregates.take(asked))
+    table = build_feature_table(aggregates).take(asked)
     if not len(table):
         return 0
     state = _state_for(table, rows)
@@ -850,8 +859,12 @@ async def _portfolio_pass(sessionmaker: async_sessionmaker[AsyncSession], *, at:
     async with sessionmaker() as session, session.begin():
         version, policy = await active_policy(session)
         previous = await latest_population(session)
-        table = await load_features(session, as_of=at)
+        # Stored aggregates that still hold are reused; the accounts whose data changed or
+        # whose windows moved past one of their rows are aggregated now, and kept.
+        aggregates = await load_aggregates(session, as_of=at, reuse=True)
+        table = build_feature_table(aggregates)
         population = await fit_population(session, table=table, policy=policy, previous=previous)
+        await store_aggregates(session, aggregates)
         session.add(
             PopulationFit(
                 policy_version=version,
@@ -929,7 +942,7 @@ async def preview_policy(
     Only reads: not even population facts are stored (when none exist yet they are fitted in
     memory). The API also runs it inside a savepoint that it always rolls back."""
     at = _now(now)
-    table = await load_features(session, as_of=at)
+    table = await load_features(session, as_of=at, reuse=True)
     population = await latest_population(session)
     if population is None:
         population = await fit_population(session, table=table, policy=draft, previous=None)
