@@ -131,16 +131,18 @@ async def test_a_second_pass_writes_history_but_no_tier_change(
 ) -> None:
     await send(client, admin_headers, [*ordinary_accounts(30), STAR], NOW)
     await run_portfolio_pass(sessionmaker, now=NOW)
-    # an hour later nothing a reader would notice has moved: scores are refreshed on the
-    # account, but the history gets no new snapshot
+    # an hour later nothing a reader would notice has moved: the history gets no new
+    # snapshot, and the account keeps the figures of its last one
     await run_portfolio_pass(sessionmaker, now=NOW + timedelta(hours=1))
     star = await _account(session, "STAR")
     star_id = star.id
-    assert star.scored_at == NOW + timedelta(hours=1)
+    assert star.scored_at == NOW
     count_star = (
         select(func.count()).select_from(ScoreSnapshot).where(ScoreSnapshot.account_id == star_id)
     )
     assert await session.scalar(count_star) == 1
+    last = await _latest_snapshot(session, star_id)
+    assert (star.value_score, star.risk_probability) == (last.value_score, last.risk_probability)
     # a day on, every account gets its daily snapshot, changed or not
     await run_portfolio_pass(sessionmaker, now=NOW + timedelta(hours=25))
     star = await _account(session, "STAR")

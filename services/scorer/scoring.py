@@ -192,7 +192,7 @@ def _fit_retention(table: FeatureTable, previous: BgNbdParams | None) -> tuple[B
     if x.size:
         rows, counts = np.unique(np.column_stack([x, t_x, np.floor(T)]), axis=0, return_counts=True)
         try:
-            params = fit_bgnbd(rows[:, 0], rows[:, 1], rows[:, 2], weights=counts)
+            params = fit_bgnbd(rows[:, 0], rows[:, 1], rows[:, 2], weights=counts, start=previous)
         except InsufficientDataError as exc:
             log.info("retention_fit_skipped", reason=str(exc))
         else:
@@ -463,6 +463,18 @@ class Evaluation:
         held_longer = self.demotion_count != state.demotion_count  # hysteresis counting
         return np.asarray(other | score_moved | risk_moved | held_longer | self.override_expired)
 
+    def needs_write(
+        self, state: AccountState, now: datetime
+    ) -> np.ndarray[Any, np.dtype[np.bool_]]:
+        """Which accounts' stored state a portfolio pass must update: those that need a
+        snapshot, and those whose tier by the data moved under an override. The others keep
+        the figures of their last snapshot (within a score step and a risk step of now)."""
+        computed_moved = np.array(
+            [a != b for a, b in zip(state.computed_tier, self.computed_tier, strict=True)],
+            dtype=np.bool_,
+        )
+        return np.asarray(self.needs_snapshot(state, now) | computed_moved)
+
 
 def evaluate(
     table: FeatureTable,
@@ -595,12 +607,13 @@ def _drivers(
 # Storage
 # --------------------------------------------------------------------------------------------
 
-_LOCK_STATE = """
+_STATE_COLUMNS = """
 SELECT id, tier, computed_tier, tier_demotion_count, tier_override, tier_override_reason,
        tier_override_expires_at, risk_band, tier_change_seq, value_score, risk_probability,
        snapshot_at
-FROM accounts WHERE id = ANY($1::bigint[]) ORDER BY id FOR UPDATE
-"""
+FROM accounts"""
+_LOCK_STATE = f"{_STATE_COLUMNS} WHERE id = ANY($1::bigint[]) ORDER BY id FOR UPDATE"
+_READ_STATE = f"{_STATE_COLUMNS} ORDER BY id"
 
 _INSERT_SNAPSHOTS = """
 INSERT INTO score_snapshots (account_id, computed_at, policy_version, features, value_score,
@@ -648,6 +661,13 @@ FROM unnest($1::bigint[], $3::integer[], $4::text[], $5::text[], $6::text[], $7:
 async def _lock_state(session: AsyncSession, account_ids: list[int]) -> dict[int, Any]:
     connection = await session.connection()
     result = await connection.exec_driver_sql(_LOCK_STATE, (account_ids,))
+    return {row[0]: row for row in result.all()}
+
+
+async def _read_state(session: AsyncSession) -> dict[int, Any]:
+    """Every account's stored state, without locks (the pass locks what it writes)."""
+    connection = await session.connection()
+    result = await connection.exec_driver_sql(_READ_STATE)
     return {row[0]: row for row in result.all()}
 
 
@@ -875,11 +895,25 @@ async def _portfolio_pass(sessionmaker: async_sessionmaker[AsyncSession], *, at:
         )
     active = ~table.lost
     share = cumulative_profit_share(np.where(active, table.columns["gross_profit_12m"], 0.0))
+    # Every account is evaluated against the state read here; only those whose stored state
+    # must change are then written, in chunks, each its own transaction holding its accounts'
+    # row locks only while it writes, so ingestion and single rescores are never blocked for
+    # the whole pass.
+    async with sessionmaker() as session, session.begin():
+        rows = await _read_state(session)
+    present = np.isin(table.account_id, np.fromiter(rows, dtype=np.int64, count=len(rows)))
+    table, share = table.take(present), share[present]
+    state = _state_for(table, rows)
+    result = evaluate(
+        table, state, population, policy, now=at, profit_share=share, with_drivers=False
+    )
+    to_write = np.flatnonzero(result.needs_write(state, at))
     changes = 0
     snapshots = 0
-    for start in range(0, len(table), PASS_CHUNK):
+    written = 0
+    for start in range(0, len(to_write), PASS_CHUNK):
         chunk = np.zeros(len(table), dtype=np.bool_)
-        chunk[start : start + PASS_CHUNK] = True
+        chunk[to_write[start : start + PASS_CHUNK]] = True
         part = table.take(chunk)
         async with sessionmaker() as session, session.begin():
             rows = await _lock_state(session, [int(i) for i in part.account_id])
@@ -888,6 +922,7 @@ async def _portfolio_pass(sessionmaker: async_sessionmaker[AsyncSession], *, at:
             part = part.take(present)
             if not len(part):
                 continue
+            # The state again, now locked: a rescore may have written it since it was read.
             state = _state_for(part, rows)
             result = evaluate(
                 part,
@@ -897,6 +932,13 @@ async def _portfolio_pass(sessionmaker: async_sessionmaker[AsyncSession], *, at:
                 now=at,
                 profit_share=part_share,
                 with_drivers=False,
+            )
+            write = result.needs_write(state, at)
+            if not write.any():
+                continue
+            part, part_share, state = part.take(write), part_share[write], state.take(write)
+            result = evaluate(
+                part, state, population, policy, now=at, profit_share=part_share, with_drivers=False
             )
             # Reasons in words cost more than the scores: only for the snapshots written.
             wanted = result.needs_snapshot(state, at)
@@ -914,6 +956,7 @@ async def _portfolio_pass(sessionmaker: async_sessionmaker[AsyncSession], *, at:
                 for i, entry in zip(np.flatnonzero(wanted), explained.drivers, strict=True):
                     drivers[i] = entry
             snapshots += int(wanted.sum())
+            written += len(part)
             changes += await _store(
                 session,
                 table=part,
@@ -926,6 +969,8 @@ async def _portfolio_pass(sessionmaker: async_sessionmaker[AsyncSession], *, at:
     log.info(
         "portfolio_pass_done",
         accounts=len(table),
+        aggregated=int(aggregates.fresh.sum()),
+        written=written,
         snapshots=snapshots,
         tier_changes=changes,
         retention_model=population.bgnbd_source,

@@ -76,6 +76,20 @@ def test_fit_is_the_maximum_of_the_likelihood(cohort: SimulatedCohort, fitted: B
     assert at_fit > bgnbd_log_likelihood(nudged, cohort.x, cohort.t_x, cohort.T)
 
 
+def test_a_fit_from_the_last_fit_finds_the_same_maximum(
+    cohort: SimulatedCohort, fitted: BgNbdParams
+) -> None:
+    # The hourly pass starts from the last fit: it must land on the same optimum, whether the
+    # start is that optimum or well off it.
+    for start in (fitted, BgNbdParams(r=3.0, alpha=10.0, a=0.2, b=20.0)):
+        again = fit_bgnbd(cohort.x, cohort.t_x, cohort.T, start=start)
+        assert again.converged
+        assert again.log_likelihood == pytest.approx(fitted.log_likelihood, rel=1e-7)
+        assert again.r == pytest.approx(fitted.r, rel=1e-3)
+        assert again.alpha == pytest.approx(fitted.alpha, rel=1e-3)
+        assert again.b == pytest.approx(fitted.b, rel=1e-2)
+
+
 def test_fit_with_count_weights_equals_fit_on_repeated_rows(cohort: SimulatedCohort) -> None:
     # One row per distinct (x, t_x, T) with its count is how a large portfolio is compressed.
     x = np.round(cohort.x[:800])
