@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import asyncpg
@@ -235,6 +236,51 @@ async def test_repeated_event_id_within_one_batch(
     response = await client.post("/v1/events", json={"events": [item, item]}, headers=admin_headers)
     assert [r["status"] for r in response.json()["results"]] == ["accepted", "duplicate"]
     assert await _count(session, Order) == 1
+
+
+async def _raw_records(session: AsyncSession) -> dict[str, Any]:
+    rows = await session.execute(select(IngestEvent.event_id, IngestEvent.payload))
+    return {event_id: payload for event_id, payload in rows}
+
+
+async def test_raw_record_of_a_batch_event_is_its_item_as_received(
+    client: httpx.AsyncClient, admin_headers: dict[str, str], session: AsyncSession
+) -> None:
+    account = factories.batch_item("account", factories.account(), external_id="A-1")
+    # A number where the schema also takes a string: the record keeps what was sent.
+    order = factories.batch_item("order", factories.order("A-1"), amount=1000.5)
+    again = order | {"external_id": "SO-other"}  # a repeated event_id: the first one counts
+    contact = factories.batch_item("contact", factories.contact("A-2"))
+    events = [account, order, again, contact]
+    # Sent as written, with spaces and newlines: the body's text is where the records come from.
+    text = "{\n  " + '"events" :\n[' + ",\n ".join(json.dumps(e) for e in events) + "]}"
+    response = await client.post(
+        "/v1/events",
+        content=text.encode(),
+        headers=admin_headers | {"content-type": "application/json"},
+    )
+    assert response.status_code == 202, response.text
+    statuses = [r["status"] for r in response.json()["results"]]
+    assert statuses == ["accepted", "accepted", "duplicate", "accepted"]
+    records = await _raw_records(session)
+    assert records == {e["event_id"]: e for e in (account, order, contact)}
+
+    # A batch of one goes the one-statement way; a batch with a rejected item is taken apart.
+    single = factories.batch_item("payment", factories.payment("A-3"))
+    payment = factories.batch_item("payment", factories.payment("A-3"))
+    rejected = factories.batch_item("order", factories.order("A-3", amount="-1.00"))
+    for batch in ([single], [payment, rejected]):
+        response = await client.post("/v1/events", json={"events": batch}, headers=admin_headers)
+        assert response.json()["results"][0]["status"] == "accepted", response.text
+    records = await _raw_records(session)
+    assert (records[single["event_id"]], records[payment["event_id"]]) == (single, payment)
+    assert rejected["event_id"] not in records
+
+    # A typed body with its id in the path: the record is the event the path and body make.
+    body = factories.account("Acme")
+    await client.put("/v1/accounts/A-4", json=body, headers=admin_headers)
+    records = await _raw_records(session)
+    assert records[body["event_id"]] == {"type": "account", **body, "external_id": "A-4"}
 
 
 async def test_interaction_names_unknown_contact_creates_stub(

@@ -12,7 +12,7 @@ concurrent batches lock them in the same order.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, cast
@@ -112,14 +112,15 @@ async def ingest_events(
     events: Sequence[AnyEvent],
     *,
     api_key_id: int | None,
-    payloads: Sequence[Mapping[str, Any]] | None = None,
+    received: str | None = None,
 ) -> list[ItemStatus]:
     """Store and apply ``events``; returns one status per event, in order.
 
-    ``payloads`` are the events as received, kept as the raw audit record (the typed models are
-    dumped when none are given). A repeated ``event_id`` (earlier, or earlier in this batch) is a
-    duplicate and changes nothing. Of several events for one entity, only a higher version than
-    the stored one is applied; the others are kept for audit as ``stale``.
+    ``received`` is the JSON text of an object whose ``events`` array holds the events as
+    received, in the order of ``events``: each item is kept as its event's raw audit record
+    (the typed models are dumped when it is None). A repeated ``event_id`` (earlier, or earlier
+    in this batch) is a duplicate and changes nothing. Of several events for one entity, only a
+    higher version than the stored one is applied; the others are kept for audit as ``stale``.
     """
     statuses: list[ItemStatus] = [ItemStatus.duplicate] * len(events)
     first_index: dict[str, int] = {}
@@ -131,10 +132,9 @@ async def ingest_events(
     if len(events) == 1 and (upsert := _one_statement(events[0])) is not None:
         event = events[0]
         assert not isinstance(event, AccountEvent | ManagerEvent)
-        payload = payloads[0] if payloads is not None else None
-        return [await _ingest_one(session, upsert, event, payload, api_key_id)]
+        return [await _ingest_one(session, upsert, event, received, api_key_id)]
 
-    new_ids = await _insert_raw_events(session, events, payloads, first_index, api_key_id)
+    new_ids = await _insert_raw_events(session, events, received, first_index, api_key_id)
     fresh = sorted(
         (_Fresh(first_index[eid], events[first_index[eid]]) for eid in new_ids),
         key=lambda f: f.index,
@@ -206,11 +206,16 @@ async def mark_dirty(session: AsyncSession, account_ids: Iterable[int]) -> None:
         rescore.update(newly_dirty)
 
 
+# The raw records travel as one jsonb document, parsed once when the statement is bound, and
+# each row takes its item from the ``events`` array by position: ``#>`` reaches it in place,
+# where ``-> 'events'`` would copy the whole array for every row.
 _INSERT_RAW = """
 INSERT INTO ingest_events (event_id, type, account_external_id, status, payload, api_key_id)
-SELECT event_id, type, account_external_id, 'accepted', payload::jsonb, $5::bigint
-FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
-    AS u(event_id, type, account_external_id, payload)
+SELECT
+    event_id, type, account_external_id, 'accepted',
+    $4::jsonb #> ARRAY['events', position::text], $5::bigint
+FROM unnest($1::text[], $2::text[], $3::text[], $6::int[])
+    AS u(event_id, type, account_external_id, position)
 ORDER BY event_id
 ON CONFLICT (event_id) DO NOTHING
 RETURNING event_id
@@ -222,34 +227,39 @@ RETURNING event_id
 _JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
-def _raw_json(event: AnyEvent, payload: Mapping[str, Any] | None) -> str:
-    """The audit record of an event: as received, or else its typed model dumped."""
-    if payload is None:
-        payload = {
-            "type": event_type(event).value,
-            **event.model_dump(mode="json", exclude_unset=True),
+def _dumped(events: Sequence[AnyEvent]) -> str:
+    """What ``ingest_events`` takes as ``received`` when the events came as typed bodies."""
+    return _JSON.encode(
+        {
+            "events": [
+                {"type": event_type(e).value, **e.model_dump(mode="json", exclude_unset=True)}
+                for e in events
+            ]
         }
-    return _JSON.encode(payload)
+    )
 
 
 async def _insert_raw_events(
     session: AsyncSession,
     events: Sequence[AnyEvent],
-    payloads: Sequence[Mapping[str, Any]] | None,
+    received: str | None,
     first_index: dict[str, int],
     api_key_id: int | None,
 ) -> list[str]:
     event_ids: list[str] = []
     types: list[str] = []
     accounts: list[str | None] = []
-    bodies: list[str] = []
+    positions: list[int] = []
     for event_id, index in first_index.items():
         event = events[index]
         event_ids.append(event_id)
         types.append(event_type(event).value)
         accounts.append(account_ref(event))
-        bodies.append(_raw_json(event, payloads[index] if payloads is not None else None))
-    rows = await _rows(session, _INSERT_RAW, event_ids, types, accounts, bodies, api_key_id)
+        positions.append(index)
+    document = received if received is not None else _dumped(events)
+    rows = await _rows(
+        session, _INSERT_RAW, event_ids, types, accounts, document, api_key_id, positions
+    )
     return [row[0] for row in rows]
 
 
@@ -372,7 +382,8 @@ RETURNING {self.key}
     def one_event_sql(self) -> str:
         """All of one event that names an account and nothing else, in one statement: the raw
         record ($1-$5), the account (a stub if unseen), the version-guarded upsert of the
-        entity (its columns but ``account_id`` from $6 on) and the dirty marks.
+        entity (its columns but ``account_id`` from $6 on) and the dirty marks. The raw record
+        is the first item of the ``events`` array of $4, as ``ingest_events`` takes it.
 
         Every part runs on the statement's one snapshot, which decides two things. The raw
         insert gates the rest, so a duplicate changes nothing. And an account committed by
@@ -392,7 +403,7 @@ RETURNING {self.key}
         return f"""
 WITH raw AS (
     INSERT INTO ingest_events (event_id, type, account_external_id, status, payload, api_key_id)
-    VALUES ($1::text, $2::text, $3::text, 'accepted', $4::text::jsonb, $5::bigint)
+    VALUES ($1::text, $2::text, $3::text, 'accepted', $4::jsonb #> '{{events,0}}', $5::bigint)
     ON CONFLICT (event_id) DO NOTHING
     RETURNING event_id
 ),
@@ -648,7 +659,7 @@ async def _ingest_one(
     session: AsyncSession,
     upsert: _Upsert,
     event: OrderData | ContactData | InteractionData | PaymentData,
-    payload: Mapping[str, Any] | None,
+    received: str | None,
     api_key_id: int | None,
 ) -> ItemStatus:
     """``ingest_events`` for one event that ``_one_statement`` takes: one round trip, where
@@ -663,7 +674,7 @@ async def _ingest_one(
         event.event_id,
         event_type(event).value,
         account,
-        _raw_json(event, payload),
+        received if received is not None else _dumped([event]),
         api_key_id,
         *values,
     )
