@@ -72,8 +72,11 @@ log = structlog.get_logger(__name__)
 
 PASS_CHUNK = 1000
 REPLAY_EVERY = timedelta(hours=24)
-# The pass writes a snapshot when something a reader would notice moved, and at least daily.
+# The pass writes a snapshot when something a reader would notice moved, and at least daily:
+# each account at the pass in its hour of the day (its id modulo 24, UTC), so the daily
+# snapshots spread over the day's passes instead of all falling into one.
 SNAPSHOT_EVERY = timedelta(hours=24)
+SNAPSHOT_SLOTS = 24
 SNAPSHOT_SCORE_STEP = 1.0
 SNAPSHOT_RISK_STEP = 0.02
 PORTFOLIO_PASS_LOCK = 2
@@ -441,11 +444,15 @@ class Evaluation:
     drivers: list[dict[str, Any]] | None
 
     def needs_snapshot(
-        self, state: AccountState, now: datetime
+        self,
+        state: AccountState,
+        now: datetime,
+        account_id: np.ndarray[Any, np.dtype[np.int64]] | None = None,
     ) -> np.ndarray[Any, np.dtype[np.bool_]]:
         """Which accounts' results a reader of the history would notice: a new tier or band,
         the score or the risk moved by a step, a demotion held back by hysteresis, an override
-        ended, or no snapshot for a day."""
+        ended, or no snapshot for a day. With ``account_id`` (the portfolio pass), an account
+        whose daily slot this hour is also gets one, unless it has had one within the hour."""
         with np.errstate(invalid="ignore"):
             score_moved = ~(np.abs(self.score - state.value_score) < SNAPSHOT_SCORE_STEP)
             risk_moved = ~(np.abs(self.risk - state.risk_probability) < SNAPSHOT_RISK_STEP)
@@ -461,10 +468,23 @@ class Evaluation:
             dtype=np.bool_,
         )
         held_longer = self.demotion_count != state.demotion_count  # hysteresis counting
-        return np.asarray(other | score_moved | risk_moved | held_longer | self.override_expired)
+        daily = np.zeros(len(other), dtype=np.bool_)
+        if account_id is not None:
+            hour_ago = now - timedelta(hours=1)
+            in_slot = account_id % SNAPSHOT_SLOTS == now.astimezone(UTC).hour % SNAPSHOT_SLOTS
+            daily = in_slot & np.array(
+                [last is not None and last <= hour_ago for last in state.snapshot_at],
+                dtype=np.bool_,
+            )
+        return np.asarray(
+            other | daily | score_moved | risk_moved | held_longer | self.override_expired
+        )
 
     def needs_write(
-        self, state: AccountState, now: datetime
+        self,
+        state: AccountState,
+        now: datetime,
+        account_id: np.ndarray[Any, np.dtype[np.int64]] | None = None,
     ) -> np.ndarray[Any, np.dtype[np.bool_]]:
         """Which accounts' stored state a portfolio pass must update: those that need a
         snapshot, and those whose tier by the data moved under an override. The others keep
@@ -473,7 +493,7 @@ class Evaluation:
             [a != b for a, b in zip(state.computed_tier, self.computed_tier, strict=True)],
             dtype=np.bool_,
         )
-        return np.asarray(self.needs_snapshot(state, now) | computed_moved)
+        return np.asarray(self.needs_snapshot(state, now, account_id) | computed_moved)
 
 
 def evaluate(
@@ -907,7 +927,7 @@ async def _portfolio_pass(sessionmaker: async_sessionmaker[AsyncSession], *, at:
     result = evaluate(
         table, state, population, policy, now=at, profit_share=share, with_drivers=False
     )
-    to_write = np.flatnonzero(result.needs_write(state, at))
+    to_write = np.flatnonzero(result.needs_write(state, at, table.account_id))
     changes = 0
     snapshots = 0
     written = 0
@@ -933,7 +953,7 @@ async def _portfolio_pass(sessionmaker: async_sessionmaker[AsyncSession], *, at:
                 profit_share=part_share,
                 with_drivers=False,
             )
-            write = result.needs_write(state, at)
+            write = result.needs_write(state, at, part.account_id)
             if not write.any():
                 continue
             part, part_share, state = part.take(write), part_share[write], state.take(write)
@@ -941,7 +961,7 @@ async def _portfolio_pass(sessionmaker: async_sessionmaker[AsyncSession], *, at:
                 part, state, population, policy, now=at, profit_share=part_share, with_drivers=False
             )
             # Reasons in words cost more than the scores: only for the snapshots written.
-            wanted = result.needs_snapshot(state, at)
+            wanted = result.needs_snapshot(state, at, part.account_id)
             drivers: list[dict[str, Any] | None] = [None] * len(part)
             if wanted.any():
                 explained = evaluate(
