@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -59,6 +60,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.engine = create_engine(settings, pre_ping=False)
         app.state.sessionmaker = create_sessionmaker(app.state.engine)
         app.state.redis = create_redis(settings)
+        # What exists by now (modules, schemas, the app) lives as long as the process: frozen,
+        # it is left out of the collector's full passes, which otherwise walk all of it again
+        # every few batches (a fifth of the server's time on 500-event batches).
+        gc.freeze()
         try:
             yield
         finally:
