@@ -124,6 +124,14 @@ def _versioned_schema(example: dict[str, Any] | None = None) -> dict[str, Any]:
     return extra
 
 
+def _not_null(value: Any) -> Any:
+    # A field check, not a model one: a model "before" check is handed the whole event as a
+    # Python dict, which made validating a batch from its JSON a quarter slower.
+    if value is None:
+        raise ValueError("must not be null; leave it out instead")
+    return value
+
+
 class StrictModel(BaseModel):
     """Base of every request body: unknown fields are an error, not silently dropped."""
 
@@ -141,23 +149,18 @@ class Versioned(StrictModel):
     model_config = ConfigDict(json_schema_extra=_versioned_schema())
 
     event_id: EventId
+    # Left out, a version is None; sent as null, it is an error. The default is not validated,
+    # so the check runs on a sent value alone.
     version: Annotated[
         StrictInt | SkipJsonSchema[None],
+        BeforeValidator(_not_null),
         Field(ge=0, le=MAX_VERSION, description="Producer version of the entity.", examples=[7]),
     ] = None
     updated_at: Annotated[
         Timestamp | SkipJsonSchema[None],
+        BeforeValidator(_not_null),
         Field(description="Time of the change at the source, instead of version."),
     ] = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _no_null_version(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            for name in ("version", "updated_at"):
-                if name in data and data[name] is None:
-                    raise ValueError(f"{name} must not be null; leave it out instead")
-        return data
 
     @model_validator(mode="after")
     def _one_version(self) -> Self:

@@ -52,6 +52,26 @@ async def test_validation_problem_names_the_field(
     assert "-1.00" not in response.text  # input values are not echoed back
 
 
+async def test_null_version_is_refused_at_its_field(
+    client: httpx.AsyncClient, admin_headers: dict[str, str]
+) -> None:
+    for name, body in [
+        ("version", factories.order() | {"version": None}),
+        ("updated_at", factories.order() | {"updated_at": None}),
+    ]:
+        response = await client.post("/v1/orders", json=body, headers=admin_headers)
+        assert response.status_code == 422
+        [error] = response.json()["errors"]
+        assert error["field"] == f"body.{name}"
+        assert "leave it out" in error["message"]
+
+    item = factories.batch_item("order", factories.order() | {"version": None})
+    response = await client.post("/v1/events", json={"events": [item]}, headers=admin_headers)
+    [result] = response.json()["results"]
+    assert result["status"] == "rejected"
+    assert [e["field"] for e in result["errors"]] == ["events.0.order.version"]
+
+
 async def test_body_over_the_limit_is_413(
     client: httpx.AsyncClient, admin_headers: dict[str, str]
 ) -> None:
