@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from functools import cached_property
 from typing import Any, cast
 
@@ -338,13 +339,22 @@ async def _ensure_managers(session: AsyncSession, fresh: list[_Fresh]) -> dict[s
     return await _ensure(session, "managers", _ENSURE_MANAGERS, sorted(r for r in refs if r))
 
 
+# Types whose values travel as text, cast by the statement: asyncpg's binary numeric encoding
+# of a Decimal costs three times ``str()``, and JSON is text already.
+_AS_TEXT = frozenset({"jsonb", "numeric"})
+
+
+def _numeric(value: Decimal | None) -> str | None:
+    return None if value is None else str(value)
+
+
 @dataclass(frozen=True)
 class _Upsert:
     """A version-guarded upsert of one entity type from column arrays."""
 
     table: str
     key: str
-    columns: tuple[tuple[str, str], ...]  # (column, Postgres type; jsonb travels as text)
+    columns: tuple[tuple[str, str], ...]  # (column, Postgres type; see _AS_TEXT)
     rows: Callable[[Any, dict[str, int], dict[str, int], dict[str, int]], tuple[Any, ...]]
     stubs: bool = False  # rows may exist as stubs with no version yet
 
@@ -352,11 +362,11 @@ class _Upsert:
     def sql(self) -> str:
         names = [name for name, _ in self.columns]
         arrays = ", ".join(
-            f"${i}::{'text' if pg_type == 'jsonb' else pg_type}[]"
+            f"${i}::{'text' if pg_type in _AS_TEXT else pg_type}[]"
             for i, (_, pg_type) in enumerate(self.columns, 1)
         )
         select = ", ".join(
-            f"{name}::jsonb" if pg_type == "jsonb" else name for name, pg_type in self.columns
+            f"{name}::{pg_type}" if pg_type in _AS_TEXT else name for name, pg_type in self.columns
         )
         return f"""
 INSERT INTO {self.table} ({", ".join(names)})
@@ -396,7 +406,7 @@ RETURNING {self.key}
         values = ", ".join(
             "account.id"
             if name == "account_id"
-            else f"${next(numbers)}::{'text::jsonb' if pg_type == 'jsonb' else pg_type}"
+            else f"${next(numbers)}::{'text::' if pg_type in _AS_TEXT else ''}{pg_type}"
             for name, pg_type in self.columns
         )
         names = ", ".join(name for name, _ in self.columns)
@@ -492,7 +502,7 @@ _UPSERTS: dict[EventType, _Upsert] = {
             e.segment,
             a[e.parent_external_id] if e.parent_external_id else None,
             m[e.manager_external_id] if e.manager_external_id else None,
-            e.credit_limit,
+            _numeric(e.credit_limit),
             e.payment_terms_days,
             e.strategic_fit,
             e.status.value,
@@ -548,8 +558,8 @@ _UPSERTS: dict[EventType, _Upsert] = {
             e.external_id,
             a[e.account_external_id],
             e.ordered_at,
-            e.amount,
-            e.cost,
+            _numeric(e.amount),
+            _numeric(e.cost),
             e.currency,
             e.status.value,
             _lines(e),
@@ -599,7 +609,7 @@ _UPSERTS: dict[EventType, _Upsert] = {
         lambda e, a, m, c: (
             e.invoice_external_id,
             a[e.account_external_id],
-            e.amount,
+            _numeric(e.amount),
             e.currency,
             e.due_at,
             e.paid_at,
