@@ -587,6 +587,12 @@ async def test_a_pass_reuses_stored_aggregates_only_while_they_hold(
     assert reused.fresh[row["LATE-BIG"]]
     assert reused.fresh.sum() == 1
 
+    # Its rescore keeps what it aggregated, with the change it includes: the next pass takes it.
+    assert (await run_worker()).jobs_failed == 0
+    reused, anew = await both(NOW + timedelta(hours=3))
+    assert not reused.fresh.any()
+    assert anew.columns["orders_12m"][row["LATE-BIG"]] == 27
+
 
 async def test_stored_aggregates_never_go_back_to_an_earlier_change(
     client: httpx.AsyncClient,
