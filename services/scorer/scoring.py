@@ -443,6 +443,20 @@ class Evaluation:
     override_expired: np.ndarray[Any, np.dtype[np.bool_]]
     drivers: list[dict[str, Any]] | None
 
+    def take(self, mask: np.ndarray[Any, np.dtype[np.bool_]]) -> Evaluation:
+        picks = np.flatnonzero(mask)
+        return Evaluation(
+            score=self.score[mask],
+            profit_share=self.profit_share[mask],
+            computed_tier=[self.computed_tier[i] for i in picks],
+            demotion_count=self.demotion_count[mask],
+            tier=[self.tier[i] for i in picks],
+            risk=self.risk[mask],
+            band=[self.band[i] for i in picks],
+            override_expired=self.override_expired[mask],
+            drivers=None if self.drivers is None else [self.drivers[i] for i in picks],
+        )
+
     def needs_snapshot(
         self,
         state: AccountState,
@@ -956,10 +970,8 @@ async def _portfolio_pass(sessionmaker: async_sessionmaker[AsyncSession], *, at:
             write = result.needs_write(state, at, part.account_id)
             if not write.any():
                 continue
-            part, part_share, state = part.take(write), part_share[write], state.take(write)
-            result = evaluate(
-                part, state, population, policy, now=at, profit_share=part_share, with_drivers=False
-            )
+            part, part_share = part.take(write), part_share[write]
+            state, result = state.take(write), result.take(write)
             # Reasons in words cost more than the scores: only for the snapshots written.
             wanted = result.needs_snapshot(state, at, part.account_id)
             drivers: list[dict[str, Any] | None] = [None] * len(part)
