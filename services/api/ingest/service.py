@@ -18,6 +18,7 @@ from decimal import Decimal
 from functools import cached_property
 from typing import Any, cast
 
+import asyncpg
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.api.deps import RESCORE_AFTER_COMMIT
@@ -108,12 +109,25 @@ async def _rows(session: AsyncSession, sql: str, *params: Any) -> list[Any]:
     return rows
 
 
+async def _idle_driver(session: AsyncSession) -> asyncpg.Connection | None:
+    """The asyncpg connection of the session when no statement has run in its transaction
+    (and none has begun on the connection), so that a statement sent on it is a transaction of
+    its own; None otherwise."""
+    if session.in_transaction():
+        return None
+    connection = await session.connection()
+    raw = await connection.get_raw_connection()
+    driver: asyncpg.Connection = raw.driver_connection
+    return None if driver.is_in_transaction() else driver
+
+
 async def ingest_events(
     session: AsyncSession,
     events: Sequence[AnyEvent],
     *,
     api_key_id: int | None,
     received: str | None = None,
+    commit_alone: bool = False,
 ) -> list[ItemStatus]:
     """Store and apply ``events``; returns one status per event, in order.
 
@@ -122,6 +136,10 @@ async def ingest_events(
     (the typed models are dumped when it is None). A repeated ``event_id`` (earlier, or earlier
     in this batch) is a duplicate and changes nothing. Of several events for one entity, only a
     higher version than the stored one is applied; the others are kept for audit as ``stale``.
+
+    ``commit_alone`` says the caller writes nothing else in the session's transaction: a single
+    event on a session where nothing has run yet may then be committed by its own statement,
+    before this returns (see ``_ingest_one``).
     """
     statuses: list[ItemStatus] = [ItemStatus.duplicate] * len(events)
     first_index: dict[str, int] = {}
@@ -133,7 +151,7 @@ async def ingest_events(
     if len(events) == 1 and (upsert := _one_statement(events[0])) is not None:
         event = events[0]
         assert not isinstance(event, AccountEvent | ManagerEvent)
-        return [await _ingest_one(session, upsert, event, received, api_key_id)]
+        return [await _ingest_one(session, upsert, event, received, api_key_id, commit_alone)]
 
     new_ids = await _insert_raw_events(session, events, received, first_index, api_key_id)
     fresh = sorted(
@@ -390,6 +408,16 @@ RETURNING {self.key}
 
     @cached_property
     def one_event_sql(self) -> str:
+        return self._one_event_sql(all_or_nothing=False)
+
+    @cached_property
+    def one_event_alone_sql(self) -> str:
+        """``one_event_sql`` for a statement that is its own transaction: it fails, and so
+        writes nothing, when the event is fresh but was not applied (stale, or its account
+        came from a concurrent transaction), the cases that need statements after it."""
+        return self._one_event_sql(all_or_nothing=True)
+
+    def _one_event_sql(self, *, all_or_nothing: bool) -> str:
         """All of one event that names an account and nothing else, in one statement: the raw
         record ($1-$5), the account (a stub if unseen), the version-guarded upsert of the
         entity (its columns but ``account_id`` from $6 on) and the dirty marks. The raw record
@@ -402,6 +430,7 @@ RETURNING {self.key}
         comes back NULL, nothing but the raw record was written, and the caller finishes the
         event with statements of their own.
         """
+        check = _FAIL_UNLESS_APPLIED if all_or_nothing else ""
         numbers = iter(range(6, len(self.columns) + 6))
         values = ", ".join(
             "account.id"
@@ -449,8 +478,16 @@ SELECT
     EXISTS (SELECT FROM raw) AS fresh,
     (SELECT id FROM account) AS account_id,
     EXISTS (SELECT FROM applied) AS applied,
-    ARRAY(SELECT account_id FROM dirty WHERE inserted) AS newly_dirty
+    ARRAY(SELECT account_id FROM dirty WHERE inserted) AS newly_dirty{check}
 """  # noqa: S608 - names are this module's constants; values travel as $n parameters
+
+
+# A division by zero, at run time (a count, not a constant the planner would fold), when the
+# event is fresh and was not applied: the statement fails and its transaction writes nothing.
+_FAIL_UNLESS_APPLIED = """,
+    CASE WHEN EXISTS (SELECT FROM raw) AND NOT EXISTS (SELECT FROM applied)
+        THEN 1 / (SELECT count(*) FROM applied)::int
+    END AS not_applied"""
 
 
 def _lines(event: OrderData) -> str:
@@ -671,22 +708,44 @@ async def _ingest_one(
     event: OrderData | ContactData | InteractionData | PaymentData,
     received: str | None,
     api_key_id: int | None,
+    commit_alone: bool,
 ) -> ItemStatus:
     """``ingest_events`` for one event that ``_one_statement`` takes: one round trip, where
-    the general path needs four."""
+    the general path needs four.
+
+    With ``commit_alone``, when nothing has run in the session's transaction yet, the statement
+    runs as its own transaction: that saves the round trips of BEGIN and COMMIT, and the
+    session's commit has nothing left to do. An event that needs more than that statement (a
+    stale one, or one whose account a concurrent transaction just created) makes it fail and
+    write nothing, and is then applied in a transaction like any other.
+    """
     account = event.account_external_id
     # The account's id is the statement's to find: a placeholder fills its place in the row.
     row = upsert.rows(event, {account: 0}, {}, {})
     values = [v for (name, _), v in zip(upsert.columns, row, strict=True) if name != "account_id"]
-    [(fresh, account_id, applied, newly_dirty)] = await _rows(
-        session,
-        upsert.one_event_sql,
+    params = (
         event.event_id,
         event_type(event).value,
         account,
         received if received is not None else _dumped([event]),
         api_key_id,
         *values,
+    )
+    driver = await _idle_driver(session) if commit_alone else None
+    if driver is not None:
+        try:
+            [(fresh, _, _, newly_dirty, _)] = await driver.fetch(
+                upsert.one_event_alone_sql, *params
+            )
+        except asyncpg.exceptions.DivisionByZeroError:
+            pass  # not applied as it stands: nothing was written, the general path follows
+        else:
+            if newly_dirty:
+                rescore: set[int] = session.info.setdefault(RESCORE_AFTER_COMMIT, set())
+                rescore.update(newly_dirty)
+            return ItemStatus.accepted if fresh else ItemStatus.duplicate
+    [(fresh, account_id, applied, newly_dirty)] = await _rows(
+        session, upsert.one_event_sql, *params
     )
     if not fresh:
         return ItemStatus.duplicate
@@ -696,8 +755,7 @@ async def _ingest_one(
         await _apply_fresh(session, [_Fresh(0, event)], statuses)
         return statuses[0]
     if newly_dirty:
-        rescore: set[int] = session.info.setdefault(RESCORE_AFTER_COMMIT, set())
-        rescore.update(newly_dirty)
+        session.info.setdefault(RESCORE_AFTER_COMMIT, set()).update(newly_dirty)
     if applied:
         return ItemStatus.accepted
     await _rows(session, _MARK_STALE, [event.event_id])
