@@ -492,3 +492,13 @@ async def test_single_event_without_commit_alone_stays_in_the_callers_transactio
     assert statuses == [ItemStatus.accepted]
     assert await _count(session, IngestEvent) == 0
     assert await _count(session, Order) == 0
+
+
+async def test_account_event_audit_record_is_the_body_with_its_type_and_id(
+    client: httpx.AsyncClient, admin_headers: dict[str, str], session: AsyncSession
+) -> None:
+    body = factories.account("Acme Nord", credit_limit="50000.00")
+    response = await client.put("/v1/accounts/A-1", json=body, headers=admin_headers)
+    assert response.json()["status"] == "accepted"
+    audit = await session.scalar(select(IngestEvent.payload))
+    assert audit == {"type": "account", "external_id": "A-1", **body}

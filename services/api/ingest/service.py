@@ -247,15 +247,18 @@ _JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
 def _dumped(events: Sequence[AnyEvent]) -> str:
-    """What ``ingest_events`` takes as ``received`` when the events came as typed bodies."""
-    return _JSON.encode(
-        {
-            "events": [
-                {"type": event_type(e).value, **e.model_dump(mode="json", exclude_unset=True)}
-                for e in events
-            ]
-        }
+    """What ``ingest_events`` takes as ``received`` when the events came as typed bodies.
+
+    Each event is encoded by pydantic straight to JSON (a quarter of the time of dumping it to
+    Python objects and encoding those) and its ``type`` put first: the object is never empty,
+    ``event_id`` is required. A batch item carries its ``type`` already; the repeat is harmless,
+    jsonb keeps one.
+    """
+    items = (
+        f'{{"type":"{event_type(e).value}",{e.model_dump_json(exclude_unset=True)[1:]}'
+        for e in events
     )
+    return f'{{"events":[{",".join(items)}]}}'
 
 
 async def _insert_raw_events(
