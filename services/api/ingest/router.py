@@ -23,7 +23,7 @@ from services.api.ingest.schemas import (
     ItemResult,
     batch_item_event_id,
 )
-from services.api.ingest.service import AnyEvent, ingest_events
+from services.api.ingest.service import AnyEvent, ingest_events, received_document
 from services.api.keys.service import Principal
 from shared.enums import ItemStatus, Scope
 from shared.schemas import (
@@ -258,7 +258,7 @@ async def _ingest_item_by_item(
         session,
         [event for _, event in valid],
         api_key_id=principal.key_id,
-        received=json.dumps({"events": payloads}, separators=(",", ":"), ensure_ascii=False),
+        received=received_document(payloads),
     )
     results.extend(
         ItemResult(index=index, event_id=event.event_id, status=outcome)

@@ -246,6 +246,11 @@ RETURNING event_id
 _JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
+def received_document(items: Sequence[Any]) -> str:
+    """What ``ingest_events`` takes as ``received`` for batch items already parsed from JSON."""
+    return _JSON.encode({"events": items})
+
+
 def _dumped(events: Sequence[AnyEvent]) -> str:
     """What ``ingest_events`` takes as ``received`` when the events came as typed bodies.
 
