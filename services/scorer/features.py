@@ -515,7 +515,7 @@ async def load_aggregates(
         rows = list(plan.all())
         stale = [int(row[0]) for row in rows if row[_ACCOUNT_WIDTH] is None]
         if len(stale) <= REAGGREGATE_ALL_ABOVE * len(rows):
-            return await _reuse_and_aggregate(connection, rows, stale, as_of=as_of)
+            return await _reuse_and_aggregate(connection, rows, stale, params)
     if session.in_nested_transaction():
         # A snapshot cannot be exported from a savepoint (the policy preview runs in one).
         result = await connection.exec_driver_sql(ALL_ACCOUNTS_SQL, params)
@@ -543,15 +543,13 @@ async def load_aggregates(
 
 
 async def _reuse_and_aggregate(
-    connection: AsyncConnection, rows: list[Any], stale: list[int], *, as_of: datetime
+    connection: AsyncConnection, rows: list[Any], stale: list[int], params: tuple[datetime, ...]
 ) -> Aggregates:
     """Every account of ``rows`` (``REUSABLE_SQL``): the stored values where they hold, and the
-    accounts in ``stale`` aggregated now, in one statement."""
+    accounts in ``stale`` aggregated now, in one statement (``params``: the window bounds)."""
     fresh_rows: dict[int, Any] = {}
     if stale:
-        result = await connection.exec_driver_sql(
-            ONLY_ACCOUNTS_SQL, (*_window_params(as_of), stale)
-        )
+        result = await connection.exec_driver_sql(ONLY_ACCOUNTS_SQL, (*params, stale))
         fresh_rows = {int(row[0]): row for row in result.all()}
     accounts = []
     values = []
@@ -567,7 +565,7 @@ async def _reuse_and_aggregate(
             values.append(row[_ACCOUNT_WIDTH])
             fresh.append(False)
         # else: an account created after the plan was read; its own rescore scores it
-    return _aggregates(accounts, values, as_of=as_of, fresh=fresh)
+    return _aggregates(accounts, values, as_of=params[0], fresh=fresh)
 
 
 async def _load_parts(
