@@ -10,11 +10,11 @@ from arq.connections import ArqRedis
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.scorer.engine.policy import DEFAULT_POLICY
 from services.scorer.enqueue import PORTFOLIO_JOB_ID
 from shared.enums import RiskBand, Tier
 from shared.models import Base
 from shared.models import ScoringPolicy as ScoringPolicyRow
+from shared.policy import DEFAULT_POLICY
 from shared.settings import Settings
 from tests import factories
 from tests.conftest import MakeKey
@@ -186,6 +186,11 @@ async def test_preview_answers_the_moves_and_writes_nothing(
     preview = response.json()
     assert preview["accounts"] == 2
     assert sum(preview["tiers_draft"].values()) == 2
-    assert {tier: n for tier, n in preview["tiers_now"].items() if n} == {"key": 1, "standard": 1}
+    # Both sides evaluated now: under the active policy the big account is not key (revenue
+    # under the key minimum); the draft's lower threshold cannot change that either.
+    assert sum(preview["tiers_now"].values()) == 2
+    assert preview["moved_total"] == len(preview["moved_accounts"])
+    assert set(preview["kpis_now"]["tiers"]) == {"strategic", "key", "developing", "standard"}
+    assert preview["exact"] is True
     assert await _row_counts(session) == before
     assert await session.scalar(select(func.max(ScoringPolicyRow.version))) == 1
