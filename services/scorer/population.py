@@ -16,7 +16,6 @@ generation, so tiers handed out on a half-loaded portfolio are not kept against 
 from __future__ import annotations
 
 import math
-import time
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
@@ -29,25 +28,24 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from services.scorer.engine import (
     IDENTITY_CALIBRATION,
     BgNbdParams,
-    InsufficientDataError,
     PlattCalibration,
     ScoringPolicy,
     behaviour_signals,
     cumulative_profit_share,
-    fit_bgnbd,
     population_percentiles,
 )
 from services.scorer.engine.arrays import FloatArray
 from services.scorer.engine.combined import (
     BASE_MODELS,
     LearnedLayer,
+    ModelFits,
     RetentionModels,
+    choose_base,
+    fit_models,
     learn_layer,
 )
-from services.scorer.engine.combined import (
-    BaseModel as BaseModelName,
-)
-from services.scorer.engine.pareto import ParetoNbdParams, fit_pareto_nbd
+from services.scorer.engine.combined import BaseModel as BaseModelName
+from services.scorer.engine.pareto import ParetoNbdParams
 from services.scorer.engine.value import PopulationPercentiles
 from services.scorer.features import FeatureTable, load_features
 from shared.models import PopulationFit
@@ -56,12 +54,7 @@ log = structlog.get_logger(__name__)
 
 REPLAY_EVERY = timedelta(hours=24)
 CURVE_POINTS = 1001
-# An uninformed but plausible purchase process (an occasion every ~45 days, ~8% chance of
-# dropping out after each), used until the portfolio has enough accounts to fit its own.
-PRIOR_BGNBD = BgNbdParams(r=1.0, alpha=45.0, a=0.5, b=6.0, converged=False)
 PRIOR_REASON = "too few accounts with orders to fit the purchase models"
-
-Source = Literal["fitted", "previous fit", "prior"]
 
 
 class _Facts(BaseModel):
@@ -175,13 +168,8 @@ class PopulationFacts(_Facts):
     def base_model(self, policy: ScoringPolicy) -> BaseModelName:
         """The base the risk uses under ``policy``: the policy's fixed choice, else the replay's
         winner when it applies, else the average of the two models."""
-        choice = policy.risk.model
-        if choice != "auto":
-            return self.models().available(choice)
-        if self.calibration.applies(policy) and self.calibration.base_model in BASE_MODELS:
-            base: BaseModelName = self.calibration.base_model
-            return self.models().available(base)
-        return self.models().available("average")
+        layer = self.calibration.base_model if self.calibration.applies(policy) else None
+        return choose_base(policy.risk.model, self.models(), layer)
 
 
 def _profit_curve(gross_profit: FloatArray) -> ProfitCurve:
@@ -201,73 +189,31 @@ def purchase_history(table: FeatureTable) -> tuple[FloatArray, FloatArray, Float
     return c["x"], c["t_x"], c["T"]
 
 
-class _Fits:
-    """The retention models fitted on one table, with where each came from."""
-
-    def __init__(self) -> None:
-        self.bgnbd: BgNbdParams = PRIOR_BGNBD
-        self.bgnbd_source: Source = "prior"
-        self.pareto: ParetoNbdParams | None = None
-        self.pareto_source: Source = "prior"
-        self.notes: list[str] = []
-        self.seconds: dict[str, float] = {}
-
-    def models(self) -> RetentionModels:
-        return RetentionModels(bgnbd=self.bgnbd, pareto_nbd=self.pareto)
-
-
 def fit_retention_models(
     table: FeatureTable,
     *,
     min_accounts: int,
     previous_bgnbd: BgNbdParams | None,
     previous_pareto: ParetoNbdParams | None,
-) -> _Fits:
-    """Fit BG/NBD and Pareto/NBD to the active accounts with orders, each starting from its
-    last fit; a fit that fails or does not converge keeps the previous one (or the prior), with
-    the reason in ``notes``. Below ``min_accounts`` nothing is fitted: the prior is used."""
-    fits = _Fits()
+) -> ModelFits:
+    """Fit both models to the active accounts with orders of ``table`` (see ``fit_models``)."""
     usable = table.has_orders & ~table.lost
-    if int(usable.sum()) < min_accounts:
-        fits.notes.append(f"{int(usable.sum())} active accounts with orders, under {min_accounts}")
-        return fits
     x, t_x, T = (column[usable] for column in purchase_history(table))
-    rows, counts = np.unique(np.column_stack([x, t_x, T]), axis=0, return_counts=True)
-    weights = counts.astype(np.float64)
-
-    started = time.perf_counter()
-    try:
-        bgnbd = fit_bgnbd(rows[:, 0], rows[:, 1], rows[:, 2], weights=weights, start=previous_bgnbd)
-    except (InsufficientDataError, ValueError, FloatingPointError) as exc:
-        fits.notes.append(f"BG/NBD fit failed: {exc}")
-        bgnbd = None
-    fits.seconds["bgnbd"] = round(time.perf_counter() - started, 4)
-    if bgnbd is not None and bgnbd.converged:
-        fits.bgnbd, fits.bgnbd_source = bgnbd, "fitted"
-    else:
-        if bgnbd is not None:
-            fits.notes.append("BG/NBD fit did not converge")
-            log.info("retention_fit_not_converged", model="bgnbd", params=bgnbd.as_dict())
-        if previous_bgnbd is not None:
-            fits.bgnbd, fits.bgnbd_source = previous_bgnbd, "previous fit"
-
-    started = time.perf_counter()
-    try:
-        pareto = fit_pareto_nbd(
-            rows[:, 0], rows[:, 1], rows[:, 2], weights=weights, start=previous_pareto
+    fits = fit_models(
+        x,
+        t_x,
+        T,
+        min_accounts=min_accounts,
+        previous_bgnbd=previous_bgnbd,
+        previous_pareto=previous_pareto,
+    )
+    if fits.notes:
+        log.info(
+            "retention_fit_notes",
+            notes=fits.notes,
+            bgnbd=fits.bgnbd_source,
+            pareto_nbd=fits.pareto_source,
         )
-    except (InsufficientDataError, ValueError, FloatingPointError) as exc:
-        fits.notes.append(f"Pareto/NBD fit failed: {exc}")
-        pareto = None
-    fits.seconds["pareto_nbd"] = round(time.perf_counter() - started, 4)
-    if pareto is not None and pareto.converged:
-        fits.pareto, fits.pareto_source = pareto, "fitted"
-    else:
-        if pareto is not None:
-            fits.notes.append("Pareto/NBD fit did not converge")
-            log.info("retention_fit_not_converged", model="pareto_nbd", params=pareto.as_dict())
-        if previous_pareto is not None:
-            fits.pareto, fits.pareto_source = previous_pareto, "previous fit"
     return fits
 
 
@@ -297,7 +243,7 @@ def replay_layer(
     if fits.bgnbd_source == "prior":
         return None, "too few accounts with history one horizon ago"
     x, t_x, T = purchase_history(then)
-    bases = fits.models().bases(x, t_x, T, float(policy.risk.horizon_days))
+    bases = fits.models.bases(x, t_x, T, float(policy.risk.horizon_days))
     signals = behaviour_signals(then.behaviour(), policy.risk)
     layer = learn_layer(
         {name: values[scored] for name, values in bases.items()},
@@ -470,7 +416,7 @@ async def fit_population(
         profit_curve=_profit_curve(np.where(active, table.columns["gross_profit_12m"], 0.0)),
         bgnbd=fits.bgnbd.as_dict(),
         bgnbd_source=fits.bgnbd_source,
-        pareto_nbd=None if fits.pareto is None else fits.pareto.as_dict(),
+        pareto_nbd=None if fits.pareto_nbd is None else fits.pareto_nbd.as_dict(),
         pareto_source=fits.pareto_source,
         fit_notes=fits.notes,
         fit_seconds=fits.seconds,

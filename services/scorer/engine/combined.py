@@ -20,6 +20,7 @@ backtest shows what the service would show.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -28,17 +29,23 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from services.scorer.engine.arrays import FloatArray, IntArray, as_float_array
-from services.scorer.engine.pareto import ParetoNbdParams, p_no_purchase_within_pareto
+from services.scorer.engine.pareto import (
+    ParetoNbdParams,
+    fit_pareto_nbd,
+    p_no_purchase_within_pareto,
+)
 from services.scorer.engine.retention import (
     IDENTITY_CALIBRATION,
     BgNbdParams,
     CalibrationBin,
+    InsufficientDataError,
     PlattCalibration,
     adjust_log_odds,
     apply_platt,
     auc,
     brier,
     calibration_table,
+    fit_bgnbd,
     fit_platt,
     fit_signal_weights,
     p_no_purchase_within,
@@ -47,6 +54,11 @@ from services.scorer.engine.retention import (
 BaseModel = Literal["bgnbd", "pareto_nbd", "average"]
 Method = Literal["policy", "calibrated", "learned"]
 BASE_MODELS: tuple[BaseModel, ...] = ("bgnbd", "pareto_nbd", "average")
+Source = Literal["fitted", "previous fit", "prior"]
+MODEL_LABELS = {"bgnbd": "BG/NBD", "pareto_nbd": "Pareto/NBD", "average": "average of both"}
+# An uninformed but plausible purchase process (an occasion every ~45 days, ~8% chance of
+# dropping out after each), used until the portfolio has enough accounts to fit its own.
+PRIOR_BGNBD = BgNbdParams(r=1.0, alpha=45.0, a=0.5, b=6.0, converged=False)
 MIN_LAYER_ACCOUNTS = 200
 """Fewer scored accounts than this in the replay cannot tell the candidates apart: the policy's
 model is used as it is."""
@@ -84,6 +96,96 @@ class RetentionModels:
     def available(self, base: BaseModel) -> BaseModel:
         """``base`` when it can be computed, else BG/NBD alone."""
         return base if self.pareto_nbd is not None or base == "bgnbd" else "bgnbd"
+
+
+@dataclass
+class ModelFits:
+    """Both models as fitted (or kept, or the prior), where each came from, why, and how long
+    each fit took (seconds)."""
+
+    bgnbd: BgNbdParams = PRIOR_BGNBD
+    bgnbd_source: Source = "prior"
+    pareto_nbd: ParetoNbdParams | None = None
+    pareto_source: Source = "prior"
+    notes: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def models(self) -> RetentionModels:
+        return RetentionModels(bgnbd=self.bgnbd, pareto_nbd=self.pareto_nbd)
+
+
+def fit_models(
+    x: FloatArray,
+    t_x: FloatArray,
+    T: FloatArray,
+    *,
+    min_accounts: int,
+    previous_bgnbd: BgNbdParams | None = None,
+    previous_pareto: ParetoNbdParams | None = None,
+) -> ModelFits:
+    """Fit BG/NBD and Pareto/NBD to these accounts' histories, each starting from its last fit.
+
+    Below ``min_accounts`` accounts nothing is fitted: the prior BG/NBD is used (and no
+    Pareto/NBD). A fit that fails or does not converge keeps the previous one (or, without one,
+    the prior for BG/NBD and nothing for Pareto/NBD); ``notes`` says what happened."""
+    fits = ModelFits()
+    if len(x) < min_accounts:
+        fits.notes.append(f"{len(x)} accounts with orders, under the {min_accounts} needed")
+        return fits
+    rows, counts = np.unique(np.column_stack([x, t_x, T]), axis=0, return_counts=True)
+    weights = counts.astype(np.float64)
+
+    started = time.perf_counter()
+    bgnbd: BgNbdParams | None
+    try:
+        bgnbd = fit_bgnbd(rows[:, 0], rows[:, 1], rows[:, 2], weights=weights, start=previous_bgnbd)
+    except (InsufficientDataError, ValueError, FloatingPointError) as exc:
+        fits.notes.append(f"BG/NBD fit failed: {exc}")
+        bgnbd = None
+    fits.seconds["bgnbd"] = round(time.perf_counter() - started, 4)
+    if bgnbd is not None and bgnbd.converged:
+        fits.bgnbd, fits.bgnbd_source = bgnbd, "fitted"
+    else:
+        if bgnbd is not None:
+            fits.notes.append("BG/NBD fit did not converge")
+        if previous_bgnbd is not None:
+            fits.bgnbd, fits.bgnbd_source = previous_bgnbd, "previous fit"
+
+    started = time.perf_counter()
+    pareto: ParetoNbdParams | None
+    try:
+        pareto = fit_pareto_nbd(
+            rows[:, 0], rows[:, 1], rows[:, 2], weights=weights, start=previous_pareto
+        )
+    except (InsufficientDataError, ValueError, FloatingPointError) as exc:
+        fits.notes.append(f"Pareto/NBD fit failed: {exc}")
+        pareto = None
+    fits.seconds["pareto_nbd"] = round(time.perf_counter() - started, 4)
+    if pareto is not None and pareto.converged:
+        fits.pareto_nbd, fits.pareto_source = pareto, "fitted"
+    else:
+        if pareto is not None:
+            fits.notes.append("Pareto/NBD fit did not converge")
+        if previous_pareto is not None:
+            fits.pareto_nbd, fits.pareto_source = previous_pareto, "previous fit"
+    return fits
+
+
+def choose_base(
+    choice: Literal["auto", "average", "bgnbd", "pareto_nbd"],
+    models: RetentionModels,
+    layer_base: str | None,
+) -> BaseModel:
+    """The base the risk uses: the policy's fixed choice, else the replay's winner (when a
+    replay applies), else the average of the two models; BG/NBD alone when Pareto/NBD is not
+    available."""
+    if choice != "auto":
+        return models.available(choice)
+    for base in BASE_MODELS:
+        if base == layer_base:
+            return models.available(base)
+    return models.available("average")
 
 
 @dataclass(frozen=True)
