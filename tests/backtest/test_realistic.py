@@ -106,7 +106,7 @@ def _returns_after_a_long_gap(log: PurchaseLog) -> tuple[int, int]:
 def test_some_frequent_buyers_pause_for_months_and_come_back(log: PurchaseLog) -> None:
     paused, frequent = _returns_after_a_long_gap(log)
     assert frequent > 1000
-    assert 0.05 * frequent <= paused <= 0.4 * frequent, (paused, frequent)
+    assert 0.05 * frequent <= paused <= 0.6 * frequent, (paused, frequent)
     # Irregular rhythms and slowdowns make some of these gaps; the pauses add the rest.
     steady = generate_purchase_log(
         ACCOUNTS, years=4, seed=5, process=replace(DEFAULT_PROCESS, pauses_per_year=0.0)
@@ -119,7 +119,7 @@ def test_a_good_share_buys_once(log: PurchaseLog) -> None:
     occasions = _occasions(log)
     once = sum(len(starts) == 1 for starts in occasions.values()) / len(occasions)
     assert 0.15 <= once <= 0.45, once
-    assert len(occasions) > 0.95 * ACCOUNTS
+    assert len(occasions) > 0.85 * ACCOUNTS  # some established accounts leave before ordering
 
 
 def _stretch_before_stopping(log: PurchaseLog) -> tuple[float, float, int]:
