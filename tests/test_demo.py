@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter, defaultdict
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -159,6 +160,20 @@ def test_some_accounts_pause_for_months_and_come_back() -> None:
         # silent for four months and more, then at least two more buying occasions
         returned += bool(long_gaps) and long_gaps[0] <= len(gaps) - 2
     assert 0.05 * ACCOUNTS <= returned <= 0.3 * ACCOUNTS
+
+
+def test_gaps_lengthen_before_an_account_stops() -> None:
+    """Accounts silent for the last five months mostly faded first: their last two gaps between
+    buying occasions are longer than their usual gap (on average, in log ratio)."""
+    silent_since = NOW.date().toordinal() - 150
+    stretches = []
+    for orders in _orders_by_account().values():
+        starts = _occasions([day for day, _ in orders])
+        gaps = [b - a for a, b in pairwise(starts)]
+        if len(gaps) >= 6 and starts[-1] < silent_since:
+            stretches.append(math.log((gaps[-1] + gaps[-2]) / 2 / median(gaps[:-2])))
+    assert len(stretches) >= 10
+    assert mean(stretches) > 0.1
 
 
 def test_orders_dip_in_august_and_peak_at_year_end() -> None:
