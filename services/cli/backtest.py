@@ -52,10 +52,12 @@ from services.scorer.engine.combined import (
     MODEL_LABELS,
     LearnedLayer,
     ModelFits,
+    Replay,
     choose_base,
     fit_models,
     learn_layer,
     max_decile_error,
+    replays_back,
 )
 from services.scorer.engine.retention import MIN_CUSTOMERS
 
@@ -576,23 +578,14 @@ def backtest(
     )
 
 
-def _replay_layer(
-    transactions: Transactions, policy: ScoringPolicy, *, cut: int, fits: ModelFits
-) -> tuple[LearnedLayer | None, str]:
-    """The layer the portfolio pass would use at ``cut``: learned on the accounts as they stood
-    one horizon earlier and what they did up to ``cut``; None (and why) when the file does not
-    cover more than two horizons before ``cut``, or the replay cannot tell."""
-    horizon = policy.risk.horizon_days
-    if cut - transactions.first_day <= 2 * horizon:
-        return None, (
-            f"no learned layer: the file covers {cut - transactions.first_day} days before the "
-            f"cutoff, not more than two horizons ({2 * horizon})"
-        )
-    if fits.bgnbd_source == "prior":
-        return None, "no learned layer: too few accounts to fit the models"
+def _replay(
+    transactions: Transactions, policy: ScoringPolicy, *, then: int, fits: ModelFits
+) -> Replay | None:
+    """The accounts as they stood at day ``then`` (models fitted on them then) and whether they
+    ordered in the horizon after it; None when too few accounts had history then."""
     columns = (transactions.account, transactions.day, transactions.amount)
     accounts = len(transactions.account_ids)
-    then = cut - horizon
+    horizon = policy.risk.horizon_days
     before = summarise_purchases(
         *columns,
         accounts=accounts,
@@ -601,7 +594,7 @@ def _replay_layer(
     )
     scope = before.has_orders
     x, t_x, age = (v[scope] for v in (before.frequency, before.recency, before.age))
-    earlier_fits = fit_models(
+    then_fits = fit_models(
         x,
         t_x,
         age,
@@ -609,27 +602,55 @@ def _replay_layer(
         previous_bgnbd=fits.bgnbd,
         previous_pareto=fits.pareto_nbd,
     )
-    if earlier_fits.bgnbd_source == "prior":
-        return None, "no learned layer: too few accounts with history one horizon before"
-    bases = earlier_fits.models.bases(x, t_x, age, float(horizon))
+    if then_fits.bgnbd_source == "prior":
+        return None
     signals = behaviour_signals(before.behaviour_facts(), policy.risk)
-    outcome = (~ordered_within(*columns, accounts=accounts, after=then, until=cut)[scope]).astype(
-        np.float64
+    ordered = ordered_within(*columns, accounts=accounts, after=then, until=then + horizon)
+    return Replay(
+        bases=then_fits.models.bases(x, t_x, age, float(horizon)),
+        signals={name: values[scope] for name, values in signals.items()},
+        outcome=(~ordered[scope]).astype(np.float64),
+        codes=np.flatnonzero(scope),
     )
+
+
+def _replay_layer(
+    transactions: Transactions, policy: ScoringPolicy, *, cut: int, fits: ModelFits
+) -> tuple[LearnedLayer | None, str]:
+    """The layer the portfolio pass would use at ``cut``: learned on replays one horizon
+    earlier and, history allowing, further back (``replays_back``), as ``learn_layer`` does;
+    None (and why) when the file does not cover more than two horizons before ``cut``."""
+    horizon = policy.risk.horizon_days
+    covered = cut - transactions.first_day
+    if covered <= 2 * horizon:
+        return None, (
+            f"no learned layer: the file covers {covered} days before the cutoff, not more "
+            f"than two horizons ({2 * horizon})"
+        )
+    if fits.bgnbd_source == "prior":
+        return None, "no learned layer: too few accounts to fit the models"
+    recent = _replay(transactions, policy, then=cut - horizon, fits=fits)
+    earlier = [
+        replay
+        for back in range(2, replays_back(covered, horizon) + 1)
+        if (replay := _replay(transactions, policy, then=cut - back * horizon, fits=fits))
+        is not None
+    ]
+    if recent is None:
+        return None, "no learned layer: too few accounts with history one horizon before"
     layer = learn_layer(
-        bases,
-        {name: values[scope] for name, values in signals.items()},
+        recent,
         policy.risk.signal_weights.model_dump(),
-        outcome,
-        np.flatnonzero(scope),
         allowed=list(BASE_MODELS) if policy.risk.model == "auto" else [policy.risk.model],
+        earlier=earlier,
     )
     if layer is None:
         return None, "no learned layer: too few accounts, or one outcome only, one horizon before"
+    chosen = layer.held_out_brier[f"{layer.base_model}/{layer.method}"]
     return layer, (
-        f"learned layer: {layer.method} on {MODEL_LABELS[layer.base_model]}, chosen on a "
-        f"replay at {_day(then)} over {layer.accounts:,} accounts (held-out Brier "
-        f"{layer.held_out_brier[f'{layer.base_model}/{layer.method}']:.4f})"
+        f"learned layer: {layer.method} on {MODEL_LABELS[layer.base_model]}, chosen on "
+        f"replays before {_day(cut - horizon)} ({layer.judged_on}, Brier {chosen:.4f}), "
+        f"fitted on {layer.accounts:,} accounts"
     )
 
 

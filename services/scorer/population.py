@@ -37,12 +37,13 @@ from services.scorer.engine import (
 from services.scorer.engine.arrays import FloatArray
 from services.scorer.engine.combined import (
     BASE_MODELS,
-    LearnedLayer,
     ModelFits,
+    Replay,
     RetentionModels,
     choose_base,
     fit_models,
     learn_layer,
+    replays_back,
 )
 from services.scorer.engine.combined import BaseModel as BaseModelName
 from services.scorer.engine.pareto import ParetoNbdParams
@@ -101,6 +102,7 @@ class Calibration(_Facts):
     occasion_window_days: int | None = None
     accounts: int = 0
     observed_no_purchase_rate: float | None = None
+    judged_on: str | None = None
     auc: float | None = None
     max_decile_error: float | None = None
     held_out_brier: dict[str, float] = {}
@@ -222,17 +224,18 @@ def allowed_bases(policy: ScoringPolicy) -> list[BaseModelName]:
     return list(BASE_MODELS) if choice == "auto" else [choice]
 
 
-def replay_layer(
+def build_replay(
     then: FeatureTable,
-    outcome: FloatArray,
+    later: FeatureTable,
     policy: ScoringPolicy,
     *,
     previous_bgnbd: BgNbdParams | None,
     previous_pareto: ParetoNbdParams | None,
-) -> tuple[LearnedLayer | None, str | None]:
-    """Fit the models on the accounts as they stood at ``then.as_of`` and learn the layer from
-    ``outcome`` (1 = no order in the horizon after it), as ``learn_layer`` does. Returns the
-    layer, or None with the reason."""
+) -> Replay | None:
+    """The accounts as they stood at ``then.as_of`` (the models fitted on them then, each base's
+    probability and the signals) and whether they ordered in the horizon after it, read from
+    ``later`` (one horizon on). None when too few accounts had history then."""
+    horizon = float(policy.risk.horizon_days)
     scored = then.has_orders & ~then.lost
     fits = fit_retention_models(
         then,
@@ -241,53 +244,78 @@ def replay_layer(
         previous_pareto=previous_pareto,
     )
     if fits.bgnbd_source == "prior":
-        return None, "too few accounts with history one horizon ago"
+        return None
+    position = np.clip(np.searchsorted(later.account_id, then.account_id), 0, len(later) - 1)
+    found = later.account_id[position] == then.account_id
+    last_gap = later.columns["days_since_last_order"][position]
+    # No order in (then, later] <=> the last order as of later is at least a horizon old.
+    outcome = np.where(found, ~(last_gap < horizon), True).astype(np.float64)
     x, t_x, T = purchase_history(then)
-    bases = fits.models.bases(x, t_x, T, float(policy.risk.horizon_days))
+    bases = fits.models.bases(x, t_x, T, horizon)
     signals = behaviour_signals(then.behaviour(), policy.risk)
-    layer = learn_layer(
-        {name: values[scored] for name, values in bases.items()},
-        {name: values[scored] for name, values in signals.items()},
-        policy.risk.signal_weights.model_dump(),
-        outcome[scored],
-        then.account_id[scored],
-        allowed=allowed_bases(policy),
+    return Replay(
+        bases={name: values[scored] for name, values in bases.items()},
+        signals={name: values[scored] for name, values in signals.items()},
+        outcome=outcome[scored],
+        codes=then.account_id[scored],
     )
-    if layer is None:
-        return None, "too few accounts, or outcomes that do not vary, one horizon ago"
-    return layer, None
 
 
 def _replay_calibration(
-    then: FeatureTable,
+    replays: list[FeatureTable],
     now: FeatureTable,
     policy: ScoringPolicy,
     previous: PopulationFacts | None,
 ) -> Calibration:
-    """Score the accounts as they stood one horizon ago, compare with what they did since, and
-    keep the base model and layer that predict held-out accounts best."""
-    horizon = float(policy.risk.horizon_days)
-    position = np.clip(np.searchsorted(now.account_id, then.account_id), 0, max(len(now) - 1, 0))
-    found = now.account_id[position] == then.account_id
-    last_gap = now.columns["days_since_last_order"][position]
-    # No order in (cutoff, now] <=> the last order as of now is at least a horizon old.
-    outcome = np.where(found, ~(last_gap < horizon), True).astype(np.float64)
-    layer, reason = replay_layer(
-        then,
-        outcome,
+    """Score the accounts as they stood one horizon ago (and further back, given), compare
+    with what they did since, and keep the base model and layer that predicted best
+    (``learn_layer``). ``replays``: the feature tables one, two... horizons back."""
+    previous_bgnbd = previous.params() if previous and not previous.on_prior else None
+    previous_pareto = previous.pareto_params() if previous else None
+    recent = build_replay(
+        replays[0],
+        now,
         policy,
-        previous_bgnbd=previous.params() if previous and not previous.on_prior else None,
-        previous_pareto=previous.pareto_params() if previous else None,
+        previous_bgnbd=previous_bgnbd,
+        previous_pareto=previous_pareto,
     )
+    earlier = [
+        replay
+        for k in range(1, len(replays))
+        if (
+            replay := build_replay(
+                replays[k],
+                replays[k - 1],
+                policy,
+                previous_bgnbd=previous_bgnbd,
+                previous_pareto=previous_pareto,
+            )
+        )
+        is not None
+    ]
     basis = {
-        "cutoff": then.as_of,
+        "cutoff": replays[0].as_of,
         "horizon_days": policy.risk.horizon_days,
         "occasion_window_days": policy.risk.occasion_window_days,
         "weights_basis": policy.risk.signal_weights.model_dump(),
         "model_choice": policy.risk.model,
     }
+    if recent is None:
+        return Calibration(
+            used=False, reason="too few accounts with history one horizon ago", **basis
+        )
+    layer = learn_layer(
+        recent,
+        policy.risk.signal_weights.model_dump(),
+        allowed=allowed_bases(policy),
+        earlier=earlier,
+    )
     if layer is None:
-        return Calibration(used=False, reason=reason, **basis)
+        return Calibration(
+            used=False,
+            reason="too few accounts, or outcomes that do not vary, one horizon ago",
+            **basis,
+        )
     return Calibration(
         used=True,
         base_model=layer.base_model,
@@ -297,6 +325,7 @@ def _replay_calibration(
         signal_weights=layer.signal_weights,
         accounts=layer.accounts,
         observed_no_purchase_rate=layer.observed_no_purchase_rate,
+        judged_on=layer.judged_on,
         auc=_finite(layer.auc),
         max_decile_error=_finite(layer.max_decile_error),
         held_out_brier=layer.held_out_brier,
@@ -402,11 +431,17 @@ async def fit_population(
         assert previous is not None
         calibration = previous.calibration
     elif history_days > 2 * horizon_days:
-        cutoff = table.as_of - timedelta(days=horizon_days)
-        then = await load_features(
-            session, as_of=cutoff, occasion_window_days=policy.risk.occasion_window_days
-        )
-        calibration = _replay_calibration(then, table, policy, previous)
+        # A replay a horizon back, and history allowing more, a horizon apart, up to a year:
+        # the candidates are fitted on the older ones and judged on the latest (``combined``).
+        replays = [
+            await load_features(
+                session,
+                as_of=table.as_of - timedelta(days=back * horizon_days),
+                occasion_window_days=policy.risk.occasion_window_days,
+            )
+            for back in range(1, replays_back(history_days, horizon_days) + 1)
+        ]
+        calibration = _replay_calibration(replays, table, policy, previous)
     else:
         calibration = Calibration(
             used=False, reason=f"history covers {history_days:.0f} days, under two horizons"
