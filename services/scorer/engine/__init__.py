@@ -9,6 +9,8 @@ the backtest.
 - ``value``: value score 0-100, tier gates, hysteresis, manager overrides.
 - ``retention``: BG/NBD fit and the no-purchase probability, behavioural log-odds adjustment,
   Platt calibration, calibration table, AUC, Brier, risk bands.
+- ``pareto``: the Pareto/NBD model beside BG/NBD, with the same API (fit, P(alive), the
+  no-purchase probability, simulation).
 - ``drivers``: the reasons in words.
 - ``history``: per-account purchase summaries (the model's x, t_x, T and the order facts) from
   dated transactions, for the backtest.
@@ -22,6 +24,14 @@ from services.scorer.engine.drivers import (
     top_risk_drivers,
 )
 from services.scorer.engine.history import PurchaseSummary, ordered_within, summarise_purchases
+from services.scorer.engine.pareto import (
+    ParetoNbdParams,
+    fit_pareto_nbd,
+    p_alive_pareto,
+    p_no_purchase_within_pareto,
+    pareto_nbd_log_likelihood,
+    simulate_pareto_nbd,
+)
 from services.scorer.engine.policy import (
     DEFAULT_POLICY,
     Hysteresis,
@@ -88,6 +98,7 @@ __all__ = [
     "Driver",
     "Hysteresis",
     "InsufficientDataError",
+    "ParetoNbdParams",
     "PlattCalibration",
     "PopulationPercentiles",
     "PurchaseSummary",
@@ -117,17 +128,22 @@ __all__ = [
     "explain_tier",
     "explain_value",
     "fit_bgnbd",
+    "fit_pareto_nbd",
     "fit_platt",
     "fit_signal_weights",
     "ordered_within",
     "override_active",
     "p_alive",
+    "p_alive_pareto",
     "p_no_purchase_within",
+    "p_no_purchase_within_pareto",
+    "pareto_nbd_log_likelihood",
     "percentile_rank",
     "population_percentiles",
     "risk_band",
     "score_breakdown",
     "simulate_bgnbd",
+    "simulate_pareto_nbd",
     "summarise_purchases",
     "tier_codes",
     "top_risk_drivers",

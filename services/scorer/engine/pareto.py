@@ -23,11 +23,14 @@ after its last order. The published closed form writes ``J`` with Gauss hypergeo
 2F1(r+s+x, .; r+s+x+1; z); evaluated with ``scipy.special.hyp2f1`` that overflows or fails for
 heavy buyers when alpha < beta (a 2F1 of size (1-z)^-(r+x)), loses accuracy as z -> 1 (one of
 alpha, beta much larger than the other) and has no cheap derivative. This module computes ``J``
-instead by a fixed tanh-sinh quadrature, in log space, in a variable that makes the integrand
-nearly flat (see ``_quadrature``): accurate to about 1e-10 relative in the realistic range and
-1e-6 in extreme corners (alpha/beta = 1e4 with one order), checked against adaptive quadrature
-and against the 2F1 form where that one works. Because ``log L`` is then a log-sum-exp over a
-few dozen terms, its exact gradient is a weighted average, which keeps the fit fast.
+instead by a fixed 41-node tanh-sinh quadrature, in log space, in a variable that makes the
+integrand nearly flat (see ``_Terms``). Against adaptive quadrature over random parameters
+(alpha, beta from 0.1 to 8,000 days independently, up to 1,000 orders, t_x a moment before T)
+the error in log J was 2e-15 in the median, 5e-9 at the 99th percentile and 9e-7 at worst (alpha
+and beta 1e4 apart, no repeat order); the tests also check it against a double integral over
+lambda and mu and against the 2F1 form where scipy evaluates that one. Because ``log L`` is then
+a log-sum-exp over a few dozen terms, its exact gradient is a weighted average of elementary
+derivatives, which keeps the fit fast.
 """
 
 from __future__ import annotations
@@ -112,9 +115,7 @@ class ParetoNbdParams:
 # --------------------------------------------------------------------------------------------
 
 
-def _tanh_sinh_rule(
-    half_nodes: int, reach: float
-) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
+def _tanh_sinh_rule(half_nodes: int, reach: float) -> tuple[FloatArray, FloatArray, FloatArray]:
     """Tanh-sinh nodes on (0, 1): the node, one minus the node (kept exact near 1), and the
     log-weights. Its nodes crowd double-exponentially towards both ends, which is where the
     transformed integrand below has its (near-)singularities, so 41 nodes reach ~1e-10."""
@@ -124,11 +125,11 @@ def _tanh_sinh_rule(
     node = special.expit(2.0 * u)
     complement = special.expit(-2.0 * u)
     log_weight = np.log(0.5 * step * 0.5 * math.pi * np.cosh(k)) - 2.0 * np.log(np.cosh(u))
-    return node, complement, log_weight, k
+    return node, complement, log_weight
 
 
 # reach 3.0: the outermost nodes sit 1e-14 from the ends; further out they would round to 0.
-_NODE, _NODE_COMPLEMENT, _LOG_NODE_WEIGHT, _ = _tanh_sinh_rule(20, 3.0)
+_NODE, _NODE_COMPLEMENT, _LOG_NODE_WEIGHT = _tanh_sinh_rule(20, 3.0)
 _LOW = int(np.count_nonzero(_NODE < 0.5))  # the nodes are increasing: these come first
 
 
@@ -202,7 +203,7 @@ class _Terms:
 
 # Accounts are processed this many at a time: the per-node arrays (rows x 41) then stay in the
 # CPU cache and are reused by the allocator instead of being faulted in afresh at every step,
-# which made a 20,000-row likelihood three times slower in one piece.
+# which made a 20,000-row likelihood twice as slow in one piece.
 _CHUNK_ROWS = 1024
 
 
