@@ -4,8 +4,10 @@ not, and the no-purchase probability against simulation."""
 
 from __future__ import annotations
 
+import csv
 import itertools
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -229,6 +231,38 @@ def test_likelihood_matches_the_published_closed_form_at_the_cdnow_fit() -> None
     # The same histories in days differ by the Jacobian of the x order times only.
     in_days = pareto_nbd_log_likelihood(CDNOW, x, t_x * 7, T * 7)
     np.testing.assert_allclose(in_days, ours - x * math.log(7.0), atol=1e-9)
+
+
+def _cdnow() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    lines = Path(__file__).with_name("cdnow_summary.csv").read_text().splitlines()
+    rows = list(csv.DictReader(line for line in lines if not line.startswith("#")))
+    x, t_x, T = (np.array([float(row[k]) for row in rows]) for k in ("frequency", "recency", "T"))
+    return x, t_x, T
+
+
+def test_fit_reproduces_the_published_cdnow_estimates() -> None:
+    # Fader, Hardie & Lee: r = 0.5534, alpha = 10.5802, s = 0.6061, beta = 11.6695 (weeks),
+    # log-likelihood -9594.98, on these 2,357 customers.
+    x, t_x, T = _cdnow()
+    assert len(x) == 2357
+    published = ParetoNbdParams(r=0.5534, alpha=10.5802, s=0.6061, beta=11.6695)
+    at_published = float(pareto_nbd_log_likelihood(published, x, t_x, T).sum())
+    assert at_published == pytest.approx(-9594.98, abs=0.01)
+    fitted = fit_pareto_nbd(x, t_x, T)
+    assert fitted.converged
+    assert fitted.log_likelihood >= at_published
+    assert fitted.log_likelihood == pytest.approx(-9594.98, abs=0.01)
+    for field in ("r", "alpha", "s", "beta"):
+        assert getattr(fitted, field) == pytest.approx(getattr(published, field), rel=3e-3), field
+
+    # The same customers in days, one row per distinct history: the same fit, in days.
+    rows, counts = np.unique(np.column_stack([x, t_x * 7, T * 7]), axis=0, return_counts=True)
+    in_days = fit_pareto_nbd(rows[:, 0], rows[:, 1], rows[:, 2], weights=counts)
+    assert in_days.alpha == pytest.approx(fitted.alpha * 7, rel=1e-3)
+    assert in_days.beta == pytest.approx(fitted.beta * 7, rel=1e-3)
+    assert in_days.log_likelihood == pytest.approx(
+        fitted.log_likelihood - x.sum() * math.log(7.0), abs=1e-3
+    )
 
 
 def test_probabilities_of_all_histories_sum_to_one() -> None:

@@ -28,7 +28,8 @@ integrand nearly flat (see ``_Terms``). Against adaptive quadrature over random 
 (alpha, beta from 0.1 to 8,000 days independently, up to 1,000 orders, t_x a moment before T)
 the error in log J was 2e-15 in the median, 5e-9 at the 99th percentile and 9e-7 at worst (alpha
 and beta 1e4 apart, no repeat order); the tests also check it against a double integral over
-lambda and mu and against the 2F1 form where scipy evaluates that one. Because ``log L`` is then
+lambda and mu, against the 2F1 form where scipy evaluates that one, and the fit against Fader,
+Hardie & Lee's published CDNOW estimates (log-likelihood -9594.98). Because ``log L`` is then
 a log-sum-exp over a few dozen terms, its exact gradient is a weighted average of elementary
 derivatives, which keeps the fit fast.
 """
