@@ -390,10 +390,13 @@ def fit_pareto_nbd(
     row per distinct ``(x, t_x, T)`` with its count in ``weights``. The optimiser (L-BFGS-B with
     the exact gradient) works on log-parameters with times rescaled by the median age; ``start``
     (the last fit) is tried first, then a moment-based start and a more dispersed one, until an
-    interior optimum is found; the best optimum wins. ``converged`` is False when the optimiser
-    failed or the optimum sits on the edge of the parameter box (typically: drop-out not
-    identified because nobody has been quiet long enough): the caller should then keep the
-    previous fit, or the other model, and say so.
+    interior optimum is found; the best optimum wins. Without ``start``, more than 4,000 rows
+    are first fitted on a sample of 2,000 and the full data is polished from there. ``converged``
+    is False when the optimiser failed or the optimum sits on the edge of the parameter box (a
+    population more uniform than the gamma mixtures allow, say): the caller should then keep the
+    previous fit, or the other model, and say so. A drop-out rate that is merely not identified
+    (nobody has gone quiet yet) can instead end in the interior with s/beta near zero: the
+    predictions are then "everybody alive", which is what the data says.
 
     Raises ``InsufficientDataError`` with fewer than ``MIN_CUSTOMERS`` accounts, no repeat order
     at all, or no account older than zero days.
