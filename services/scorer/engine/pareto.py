@@ -23,19 +23,23 @@ after its last order. The published closed form writes ``J`` with Gauss hypergeo
 2F1(r+s+x, .; r+s+x+1; z); evaluated with ``scipy.special.hyp2f1`` that overflows or fails for
 heavy buyers when alpha < beta (a 2F1 of size (1-z)^-(r+x)), loses accuracy as z -> 1 (one of
 alpha, beta much larger than the other) and has no cheap derivative. This module computes ``J``
-instead by a fixed tanh-sinh quadrature, in log space, in a variable that makes the integrand
-nearly flat (see ``_quadrature``): accurate to about 1e-10 relative in the realistic range and
-1e-6 in extreme corners (alpha/beta = 1e4 with one order), checked against adaptive quadrature
-and against the 2F1 form where that one works. Because ``log L`` is then a log-sum-exp over a
-few dozen terms, its exact gradient is a weighted average, which keeps the fit fast.
+instead by a fixed 41-node tanh-sinh quadrature, in log space, in a variable that makes the
+integrand nearly flat (see ``_Terms``). Against adaptive quadrature over random parameters
+(alpha, beta from 0.1 to 8,000 days independently, up to 1,000 orders, t_x a moment before T)
+the error in log J was 2e-15 in the median, 5e-9 at the 99th percentile and 9e-7 at worst (alpha
+and beta 1e4 apart, no repeat order); the tests also check it against a double integral over
+lambda and mu, against the 2F1 form where scipy evaluates that one, and the fit against Fader,
+Hardie & Lee's published CDNOW estimates (log-likelihood -9594.98). Because ``log L`` is then
+a log-sum-exp over a few dozen terms, its exact gradient is a weighted average of elementary
+derivatives, which keeps the fit fast.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -112,9 +116,7 @@ class ParetoNbdParams:
 # --------------------------------------------------------------------------------------------
 
 
-def _tanh_sinh_rule(
-    half_nodes: int, reach: float
-) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
+def _tanh_sinh_rule(half_nodes: int, reach: float) -> tuple[FloatArray, FloatArray, FloatArray]:
     """Tanh-sinh nodes on (0, 1): the node, one minus the node (kept exact near 1), and the
     log-weights. Its nodes crowd double-exponentially towards both ends, which is where the
     transformed integrand below has its (near-)singularities, so 41 nodes reach ~1e-10."""
@@ -124,11 +126,11 @@ def _tanh_sinh_rule(
     node = special.expit(2.0 * u)
     complement = special.expit(-2.0 * u)
     log_weight = np.log(0.5 * step * 0.5 * math.pi * np.cosh(k)) - 2.0 * np.log(np.cosh(u))
-    return node, complement, log_weight, k
+    return node, complement, log_weight
 
 
 # reach 3.0: the outermost nodes sit 1e-14 from the ends; further out they would round to 0.
-_NODE, _NODE_COMPLEMENT, _LOG_NODE_WEIGHT, _ = _tanh_sinh_rule(20, 3.0)
+_NODE, _NODE_COMPLEMENT, _LOG_NODE_WEIGHT = _tanh_sinh_rule(20, 3.0)
 _LOW = int(np.count_nonzero(_NODE < 0.5))  # the nodes are increasing: these come first
 
 
@@ -202,7 +204,7 @@ class _Terms:
 
 # Accounts are processed this many at a time: the per-node arrays (rows x 41) then stay in the
 # CPU cache and are reused by the allocator instead of being faulted in afresh at every step,
-# which made a 20,000-row likelihood three times slower in one piece.
+# which made a 20,000-row likelihood twice as slow in one piece.
 _CHUNK_ROWS = 1024
 
 
@@ -300,11 +302,11 @@ _PRESOLVE_ROWS = 2000
 """A cold fit on more rows than twice this first fits a random sample of this many rows."""
 
 
-def _maximise(
-    x: FloatArray, t_x: FloatArray, T: FloatArray, w: FloatArray, starts: list[FloatArray]
-) -> Any:
-    """L-BFGS-B on the weighted mean log-likelihood in log-parameters, from each start in turn
-    until one ends in a clean interior optimum; the best result (scipy's OptimizeResult)."""
+_Objective: TypeAlias = Callable[[FloatArray], tuple[float, FloatArray]]
+
+
+def _objective(x: FloatArray, t_x: FloatArray, T: FloatArray, w: FloatArray) -> _Objective:
+    """The weighted mean negative log-likelihood in log-parameters, with its exact gradient."""
     total_weight = float(w.sum())
 
     def objective(theta: FloatArray) -> tuple[float, FloatArray]:
@@ -319,6 +321,12 @@ def _maximise(
             return 1e12, np.zeros(4)
         return value, np.asarray(d_theta, dtype=np.float64)
 
+    return objective
+
+
+def _maximise(objective: _Objective, starts: list[FloatArray]) -> Any:
+    """L-BFGS-B from each start in turn until one ends in a clean interior optimum; the best
+    result (scipy's OptimizeResult)."""
     bounds = [(-_LOG_BOUND, _LOG_BOUND)] * 4
     best: Any = None
     for theta0 in starts:
@@ -337,6 +345,37 @@ def _maximise(
     return best
 
 
+def _newton_from_sample(
+    full: _Objective, sample: _Objective, theta: FloatArray, *, steps: int = 6
+) -> FloatArray:
+    """A few Newton steps on the full data with the Hessian of the sample's objective at its
+    optimum (central differences of the exact gradient: eight cheap evaluations). The two
+    objectives differ by sampling noise only, so each step gains about a digit, where L-BFGS-B
+    started afresh would first spend a dozen full evaluations learning the curvature."""
+    h = 1e-4
+    columns = []
+    for j in range(4):
+        shift = np.zeros(4)
+        shift[j] = h
+        columns.append((sample(theta + shift)[1] - sample(theta - shift)[1]) / (2 * h))
+    hessian = np.column_stack(columns)
+    hessian = 0.5 * (hessian + hessian.T)
+    if not (np.isfinite(hessian).all() and (np.linalg.eigvalsh(hessian) > 0).all()):
+        return theta
+    value, gradient = full(theta)
+    for _ in range(steps):
+        step = np.linalg.solve(hessian, gradient)
+        candidate = np.clip(theta - step, -_LOG_BOUND + 0.5, _LOG_BOUND - 0.5)
+        new_value, new_gradient = full(candidate)
+        if not new_value < value:
+            break
+        done = value - new_value < 1e-10 * abs(value)
+        theta, value, gradient = candidate, new_value, new_gradient
+        if done:
+            break
+    return theta
+
+
 def fit_pareto_nbd(
     frequency: ArrayLike,
     recency: ArrayLike,
@@ -351,10 +390,13 @@ def fit_pareto_nbd(
     row per distinct ``(x, t_x, T)`` with its count in ``weights``. The optimiser (L-BFGS-B with
     the exact gradient) works on log-parameters with times rescaled by the median age; ``start``
     (the last fit) is tried first, then a moment-based start and a more dispersed one, until an
-    interior optimum is found; the best optimum wins. ``converged`` is False when the optimiser
-    failed or the optimum sits on the edge of the parameter box (typically: drop-out not
-    identified because nobody has been quiet long enough): the caller should then keep the
-    previous fit, or the other model, and say so.
+    interior optimum is found; the best optimum wins. Without ``start``, more than 4,000 rows
+    are first fitted on a sample of 2,000 and the full data is polished from there. ``converged``
+    is False when the optimiser failed or the optimum sits on the edge of the parameter box (a
+    population more uniform than the gamma mixtures allow, say): the caller should then keep the
+    previous fit, or the other model, and say so. A drop-out rate that is merely not identified
+    (nobody has gone quiet yet) can instead end in the interior with s/beta near zero: the
+    predictions are then "everybody alive", which is what the data says.
 
     Raises ``InsufficientDataError`` with fewer than ``MIN_CUSTOMERS`` accounts, no repeat order
     at all, or no account older than zero days.
@@ -381,6 +423,7 @@ def fit_pareto_nbd(
 
     scale = float(np.median(T[T > 0]))
     ts, Ts = t_x / scale, T / scale
+    full = _objective(x, ts, Ts, w)
 
     rate = max(float(np.dot(w, x) / max(float(np.dot(w, Ts)), 1e-9)), 1e-3)
     starts = [
@@ -395,10 +438,12 @@ def fit_pareto_nbd(
         # Without a last fit, most steps are spent far from the optimum, where a sample of the
         # rows points the same way at a fraction of the cost; the full data then polishes.
         sample = np.random.default_rng(0).choice(len(x), _PRESOLVE_ROWS, replace=False)
-        rough = _maximise(x[sample], ts[sample], Ts[sample], w[sample], starts)
+        on_sample = _objective(x[sample], ts[sample], Ts[sample], w[sample])
+        rough = _maximise(on_sample, starts)
         if rough.success:
-            starts.insert(0, np.clip(rough.x, -_LOG_BOUND + 0.5, _LOG_BOUND - 0.5))
-    best = _maximise(x, ts, Ts, w, starts)
+            theta0 = np.clip(rough.x, -_LOG_BOUND + 0.5, _LOG_BOUND - 0.5)
+            starts.insert(0, _newton_from_sample(full, on_sample, theta0))
+    best = _maximise(full, starts)
 
     theta = np.asarray(best.x, dtype=np.float64)
     r, alpha_scaled, s, beta_scaled = (float(v) for v in np.exp(theta))
