@@ -157,7 +157,7 @@ class PopulationRules(_PolicyModel):
     arrived for ``quiet_seconds``, instead of waiting for the hourly pass.
     """
 
-    min_fit_accounts: int = Field(default=200, ge=20, le=1_000_000)
+    min_fit_accounts: int = Field(default=100, ge=20, le=1_000_000)
     refit_growth_share: float = Field(default=0.2, gt=0, le=10)
     bulk_load_share: float = Field(default=0.2, gt=0, le=1)
     quiet_seconds: int = Field(default=60, ge=5, le=3600)

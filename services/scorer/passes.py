@@ -205,14 +205,18 @@ async def _portfolio_pass(sessionmaker: async_sessionmaker[AsyncSession], *, at:
             part = part.take(present)
             if not len(part):
                 continue
-            # The state again, now locked: a rescore may have written it since it was read. One
-            # that used these facts is newer than this pass's view: it stays. One that used the
-            # facts this pass replaced is rescored with these (marked dirty), not overwritten
-            # with this pass's older view.
+            # The state again, now locked: a rescore may have written it since it was read, or
+            # scored it as of a later time than this pass. One that used these facts is newer
+            # than this pass's view: it stays. One that used the facts this pass replaced is
+            # rescored with these (marked dirty), never overwritten with an older view.
             state = state_for(part, rows)
             current = np.array([used == fit_id for used in state.population_fit_id])
             rewritten = np.array(
-                [rows[int(i)] != read_first.get(int(i)) for i in part.account_id], dtype=np.bool_
+                [
+                    rows[int(i)] != read_first.get(int(i)) or (scored is not None and scored > at)
+                    for i, scored in zip(part.account_id, state.scored_at, strict=True)
+                ],
+                dtype=np.bool_,
             )
             stale = rewritten & ~current
             if stale.any():
