@@ -46,8 +46,10 @@ class ValueWeights(_PolicyModel):
 class TierRules(_PolicyModel):
     """Score thresholds and the gates that encode the key-account rules.
 
-    Revenue alone never makes a key account: ``key`` and ``strategic`` need a gross margin at or
-    above ``margin_floor``, revenue at or above ``min_revenue_key`` and healthy payment; an
+    Revenue alone never makes a key account: ``key`` needs a gross margin at or above
+    ``margin_floor`` and either a place inside the profit core (the 80/20 line below) or revenue
+    at or above ``min_revenue_key`` (a large account just outside the core); ``strategic`` needs
+    the margin, the profit core and that revenue. An
     account paying late on more than ``late_share_limit`` of its invoices, or more than
     ``avg_days_late_limit`` days late on average, is a late payer: it keeps the tier its value
     earns with a credit flag and a driver (``late_payment_cap: none``), or is capped at ``key``
@@ -70,7 +72,7 @@ class TierRules(_PolicyModel):
     avg_days_late_limit: float = Field(default=15.0, ge=0)
     late_payment_cap: Literal["none", "key"] = "none"
     developing_min_growth: float = Field(default=0.25, ge=0)
-    developing_min_fit: int = Field(default=4, ge=1, le=5)
+    developing_min_fit: int = Field(default=5, ge=1, le=5)
 
     @model_validator(mode="after")
     def _ordered(self) -> Self:

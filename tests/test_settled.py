@@ -98,6 +98,35 @@ async def test_after_a_demo_load_and_a_quiet_minute_further_passes_change_nothin
     assert await _picture(session) == picture
     assert await _tier_changes(session) == changes
 
+    # A distribution a head of sales accepts: key + strategic close to the accounts inside the
+    # 80/20 profit core, developing a minority, and no large late payer called "developing".
+    counts = dict(
+        (await session.execute(select(Account.tier, func.count()).group_by(Account.tier))).all()
+    )
+    key_accounts = counts.get("key", 0) + counts.get("strategic", 0)
+    latest_features = (
+        select(ScoreSnapshot.features)
+        .where(ScoreSnapshot.account_id == Account.id)
+        .order_by(ScoreSnapshot.computed_at.desc(), ScoreSnapshot.id.desc())
+        .limit(1)
+        .scalar_subquery()
+    )
+    rows = (
+        await session.execute(
+            select(Account.tier, latest_features).where(Account.status == "active")
+        )
+    ).all()
+    core = [
+        (tier, f)
+        for tier, f in rows
+        if (f["gross_profit_12m"] or 0) > 0 and f["profit_share_cum"] <= 0.8
+    ]
+    assert 0.6 * len(core) <= key_accounts <= 1.2 * len(core), (counts, len(core))
+    assert counts.get("developing", 0) <= 0.25 * sum(counts.values()), counts
+    late_in_core = [tier for tier, f in core if (f["late_share"] or 0) > 0.3]
+    assert late_in_core, "the demo has late payers in the profit core"
+    assert "developing" not in late_in_core
+
 
 async def test_a_first_tier_is_not_held_but_a_confirmed_one_is(
     client: httpx.AsyncClient,

@@ -164,7 +164,7 @@ def test_good_account_tiers_by_score() -> None:
     decision = decide_tier(features, [90.0, 65.0, 40.0, 10.0], POLICY)
     assert _tiers(decision.tiers) == [Tier.strategic, Tier.key, Tier.standard, Tier.standard]
     # Developing is for accounts outside the profit core with potential: grow them.
-    outside = _accounts(*[{"profit_share_cum": 0.95}] * 2)
+    outside = _accounts(*[{"profit_share_cum": 0.95, "strategic_fit": 5.0}] * 2)
     assert _tiers(decide_tier(outside, [40.0, 10.0], POLICY).tiers) == [
         Tier.developing,
         Tier.standard,
@@ -190,12 +190,13 @@ def test_high_margin_on_tiny_revenue_is_not_key() -> None:
         "gross_profit_12m": 12_000.0,
         "margin_rate": 0.6,
         "profit_share_cum": 0.97,
+        "strategic_fit": 5.0,
     }
     decision = decide_tier(
         _accounts(tiny_rich, {**tiny_rich, "strategic_fit": 2.0}), [95.0] * 2, POLICY
     )
     assert decision.gates["revenue_below_key_minimum"].all()
-    assert decision.tiers[0] is Tier.developing  # strategic fit 4: potential, not key
+    assert decision.tiers[0] is Tier.developing  # strategic fit 5: potential, not key
     assert decision.tiers[1] is Tier.standard
 
 

@@ -242,7 +242,8 @@ def explain_tier(
             )
         revenue = float(features.revenue_12m[i])
         # Small revenue is only worth saying where it is what kept the account from key.
-        if gates["revenue_below_key_minimum"][i] and s >= rules.key_threshold:
+        below_minimum = gates["revenue_below_key_minimum"][i]
+        if below_minimum and gates["outside_profit_core"][i] and s >= rules.key_threshold:
             reasons.append(
                 Driver(
                     "revenue_below_key_minimum",

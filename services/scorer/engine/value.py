@@ -301,8 +301,8 @@ class TierDecision(NamedTuple):
     ``gates`` maps a gate name to a boolean column:
 
     - ``margin_below_floor``: gross margin below the floor (or unknown): never key or strategic.
-    - ``revenue_below_key_minimum``: revenue below the minimum for key accounts: never key or
-      strategic, however good the margin.
+    - ``revenue_below_key_minimum``: revenue below the minimum for key accounts: never
+      strategic, and key only from inside the profit core.
     - ``late_payer``: late share or average lateness above the limit: a credit flag (and, with
       ``late_payment_cap: key``, strategic capped at key).
     - ``credit_limit_exceeded``: open invoices above the account's credit limit: a credit flag.
@@ -321,7 +321,9 @@ def decide_tier(features: AccountFeatures, score: ArrayLike, policy: ScoringPoli
 
     - strategic: score >= strategic threshold, inside the profit core, margin at or above the
       floor, revenue at or above the key minimum;
-    - key: score >= key threshold, margin and revenue gates passed;
+    - key: score >= key threshold, margin at or above the floor, and inside the profit core or
+      revenue at or above the key minimum (the 80/20 rule names the key accounts of a portfolio
+      whatever its scale; the minimum admits large accounts just outside the core);
     - developing: outside the profit core, margin at or above the floor and potential (growth
       >= the policy's minimum or strategic fit >= the policy's minimum), score >= the
       developing threshold: a smaller account worth growing into a key account;
@@ -349,9 +351,9 @@ def decide_tier(features: AccountFeatures, score: ArrayLike, policy: ScoringPoli
         above_key = scores >= rules.key_threshold
         above_developing = scores >= rules.developing_threshold
 
-    key_eligible = margin_ok & revenue_ok
+    key_eligible = margin_ok & (revenue_ok | in_core)
     code = np.where(
-        key_eligible & in_core & above_strategic,
+        margin_ok & revenue_ok & in_core & above_strategic,
         _TIER_CODE[Tier.strategic],
         np.where(
             key_eligible & above_key,
