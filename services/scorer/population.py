@@ -356,9 +356,10 @@ async def latest_population(session: AsyncSession) -> tuple[int, PopulationFacts
 
 
 def _reusable_calibration(
-    previous: PopulationFacts | None, policy: ScoringPolicy, as_of: datetime
+    previous: PopulationFacts | None, policy: ScoringPolicy, as_of: datetime, generation: int
 ) -> bool:
-    if previous is None:
+    # A new generation (the portfolio grew or was reloaded) replays its history anew.
+    if previous is None or previous.generation != generation:
         return False
     calibration = previous.calibration
     return (
@@ -424,7 +425,9 @@ async def fit_population(
     history_days = float(first_order_age.max()) if first_order_age.size else 0.0
     if fits.bgnbd_source == "prior":
         calibration = Calibration(used=False, reason=PRIOR_REASON)
-    elif history_days > 2 * horizon_days and _reusable_calibration(previous, policy, table.as_of):
+    elif history_days > 2 * horizon_days and _reusable_calibration(
+        previous, policy, table.as_of, generation
+    ):
         # The replay looks a horizon back; an hour more of history changes little, and it costs
         # a second full feature aggregation. It is redone daily, or when the policy's risk
         # settings change.

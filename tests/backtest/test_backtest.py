@@ -297,3 +297,30 @@ def test_the_command_as_a_process_prints_no_traceback(tmp_path: Path) -> None:
 
 def test_the_synthetic_file_ends_on_its_end_date(history: Path) -> None:
     assert read_transactions(history).last_day <= END.toordinal()
+
+
+@pytest.fixture(scope="module")
+def realistic_history(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A log not drawn from either model: bursts, seasons, slowdowns, pauses, Weibull churn."""
+    from tests.backtest.realistic import generate_purchase_log, write_purchase_log_csv
+
+    path = tmp_path_factory.mktemp("realistic") / "orders.csv"
+    write_purchase_log_csv(path, generate_purchase_log(8000, years=4.0, seed=2))
+    return path
+
+
+@pytest.mark.parametrize("horizon_days", [91, 273])
+def test_on_a_log_not_drawn_from_the_models_the_model_beats_days_since_last_order(
+    realistic_history: Path, horizon_days: int
+) -> None:
+    transactions = read_transactions(realistic_history)
+    cutoff = date.fromordinal(transactions.last_day - horizon_days)
+    report = backtest(transactions, cutoff=cutoff, horizon_days=horizon_days)
+    model = _score(report, "model")
+    baseline = _score(report, "days_since_last_order")
+    assert report.layer is not None  # four years: the layer is learned on replays
+    assert report.fits.bgnbd_source == "fitted"
+    assert report.fits.pareto_source == "fitted"
+    assert model.auc > baseline.auc
+    assert model.brier < baseline.brier
+    assert model.max_decile_error < 0.1
