@@ -13,7 +13,6 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from services.api.ingest.service import ingest_events
-from services.scorer.enqueue import rescore_job_id
 from shared.db import create_sessionmaker
 from shared.enums import ItemStatus
 from shared.models import (
@@ -26,6 +25,7 @@ from shared.models import (
     Order,
     Payment,
 )
+from shared.queue import rescore_job_id
 from shared.schemas import OrderData, PaymentData
 from shared.settings import Settings
 from tests import factories

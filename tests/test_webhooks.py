@@ -28,15 +28,12 @@ from services.scorer.webhook_delivery import (
     retry_delay,
     send_delivery,
 )
-from services.scorer.webhook_events import (
-    announced_band_change,
-    announced_tier_change,
-    remember_deliveries,
-)
+from services.scorer.webhook_events import announced_band_change, announced_tier_change
 from services.scorer.webhook_targets import UnsafeTarget, resolve_target
 from services.scorer.worker import create_worker
 from shared.db import create_sessionmaker
 from shared.models import Account, WebhookAttempt, WebhookDelivery, WebhookEndpoint, WebhookEvent
+from shared.queue import remember_deliveries
 from shared.settings import Settings
 from tests.conftest import MakeKey, RunWorker
 from tests.factories import account_row

@@ -24,8 +24,8 @@ from services.api.portfolio.router import router as portfolio_router
 from services.api.query import reject_unknown_query_params
 from services.api.webhooks.router import router as webhooks_router
 from services.logging import configure_logging
-from services.scorer.enqueue import create_redis
 from shared.db import create_engine, create_sessionmaker
+from shared.queue import create_redis
 from shared.schemas import Event
 from shared.settings import Settings, get_settings
 

@@ -11,13 +11,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.api.errors import Forbidden, Unauthorized
 from services.api.keys.service import Principal
-from services.scorer.enqueue import (
+from shared.enums import Scope
+from shared.queue import (
     DELIVER_AFTER_COMMIT,
     enqueue_deliveries,
     enqueue_portfolio_pass,
     enqueue_rescores,
 )
-from shared.enums import Scope
 from shared.settings import Settings
 
 RESCORE_AFTER_COMMIT = "rescore_account_ids"

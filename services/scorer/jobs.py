@@ -4,7 +4,9 @@ idempotent, keyed by the account id."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import random
+import uuid
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import Any
@@ -16,7 +18,8 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from services.scorer.enqueue import DELIVER_AFTER_COMMIT, enqueue_deliveries, enqueue_rescores
+from services.scorer.outage import Outage
+from services.scorer.reclaim import Refusals, reclaim_orphans
 from services.scorer.scoring import rescore_accounts, run_portfolio_pass
 from services.scorer.webhook_delivery import (
     claim_delivery,
@@ -24,7 +27,18 @@ from services.scorer.webhook_delivery import (
     record_outcome,
     send_delivery,
 )
-from shared.models import Account, DirtyAccount
+from shared.models import Account, DirtyAccount, WebhookDelivery
+from shared.queue import (
+    DELIVER_AFTER_COMMIT,
+    DELIVER_WEBHOOK,
+    RESCORE_ACCOUNT,
+    delivery_job_id,
+    enqueue_deliveries,
+    push_jobs,
+    rescore_job_id,
+    rescore_queue,
+    webhook_queue,
+)
 from shared.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -32,6 +46,32 @@ log = structlog.get_logger(__name__)
 # A sweep re-drives accounts that stayed dirty this long: longer than a debounced rescore takes.
 SWEEP_GRACE = timedelta(seconds=10)
 SWEEP_BATCH = 5000
+# A delivery whose endpoint is at its concurrency limit retries every second or so; after this
+# many tries the job gives up and the webhook sweeper pushes the delivery again.
+DELIVERY_MAX_TRIES = 60
+_DB_ERRORS = (OperationalError, DBAPIError, OSError)
+
+
+class EndpointSlots:
+    """How many deliveries this process is sending to each endpoint, against a limit."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_flight: dict[uuid.UUID, int] = {}
+
+    def try_take(self, endpoint_id: uuid.UUID) -> bool:
+        taken = self.in_flight.get(endpoint_id, 0)
+        if taken >= self.limit:
+            return False
+        self.in_flight[endpoint_id] = taken + 1
+        return True
+
+    def give_back(self, endpoint_id: uuid.UUID) -> None:
+        left = self.in_flight.get(endpoint_id, 1) - 1
+        if left:
+            self.in_flight[endpoint_id] = left
+        else:
+            self.in_flight.pop(endpoint_id, None)
 
 
 @asynccontextmanager
@@ -39,13 +79,19 @@ async def job_session(ctx: dict[str, Any]) -> AsyncIterator[AsyncSession]:
     """The worker's one commit point; a database outage becomes an arq retry with backoff.
     Webhook deliveries the transaction created are pushed after the commit."""
     sessionmaker: async_sessionmaker[AsyncSession] = ctx["sessionmaker"]
+    outage: Outage | None = ctx.get("postgres_outage")
     try:
         async with sessionmaker() as session, session.begin():
             yield session
-    except (OperationalError, DBAPIError, OSError) as exc:
+    except _DB_ERRORS as exc:
         tries: int = ctx.get("job_try", 1)
-        log.warning("job_database_error", error=type(exc).__name__, job_try=tries)
+        if outage is None:
+            log.warning("job_database_error", error=type(exc).__name__, job_try=tries)
+        else:
+            outage.failed(exc)  # one line per outage, not one per job
         raise Retry(defer=min(60, 2**tries)) from exc
+    if outage is not None:
+        outage.succeeded()
     deliveries: set[int] = session.info.pop(DELIVER_AFTER_COMMIT, set())
     if deliveries:
         await enqueue_deliveries(ctx["redis"], deliveries)
@@ -99,7 +145,7 @@ async def portfolio_pass(ctx: dict[str, Any]) -> int | None:
     """Refit the population facts and rescore every account (hourly, and on demand)."""
     try:
         return await run_portfolio_pass(ctx["sessionmaker"])
-    except (OperationalError, DBAPIError, OSError) as exc:
+    except _DB_ERRORS as exc:
         tries: int = ctx.get("job_try", 1)
         log.warning("job_database_error", error=type(exc).__name__, job_try=tries)
         raise Retry(defer=min(300, 5 * 2**tries)) from exc
@@ -131,20 +177,67 @@ async def sweep_dirty_accounts(ctx: dict[str, Any]) -> int:
             )
         )
     if ids:
-        failed = await enqueue_rescores(ctx["redis"], ids, defer_s=0)
-        log.info("swept_dirty_accounts", count=len(ids), failed=failed)
+        await _push_and_reclaim(
+            ctx, "swept_dirty_accounts", RESCORE_ACCOUNT, ids, rescore_job_id, rescore_queue
+        )
     return len(ids)
+
+
+async def _push_and_reclaim(
+    ctx: dict[str, Any],
+    event: str,
+    function: str,
+    ids: list[int],
+    job_id: Callable[[int], str],
+    queue_of: Callable[[str], str],
+) -> None:
+    """Push a sweep's jobs; for each push arq refuses (the job id is taken), find out why and
+    hand back the jobs a dead worker left behind (services/scorer/reclaim.py). The log line
+    counts every outcome: a refusal is never reported as a success."""
+    settings: Settings = ctx["settings"]
+    queue = queue_of(settings.queue_name)
+    result = await push_jobs(ctx["redis"], function, ids, job_id=job_id, queue=queue)
+    refusals = Refusals()
+    if result.refused:
+        refusals = await reclaim_orphans(
+            ctx["redis"],
+            [job_id(i) for i in result.refused],
+            queue=queue,
+            in_progress_ttl_s=ctx.get("in_progress_ttl_s", {}).get(queue, 0),
+        )
+    log.info(
+        event,
+        count=len(ids),
+        pushed=result.total - result.failed - len(result.refused),
+        failed=result.failed,
+        **refusals.as_log(),
+    )
 
 
 async def deliver_webhook(ctx: dict[str, Any], delivery_id: int) -> bool:
     """Attempt one webhook delivery, if it is due and first in line; returns whether an
     attempt was made. The HTTP request runs between two short transactions, never inside one."""
     settings: Settings = ctx["settings"]
+    slots: EndpointSlots = ctx.setdefault(
+        "endpoint_slots", EndpointSlots(settings.webhook_endpoint_concurrency)
+    )
     async with job_session(ctx) as session:
-        claim = await claim_delivery(session, delivery_id=delivery_id, settings=settings)
-    if claim is None:
+        endpoint_id = await session.scalar(
+            select(WebhookDelivery.endpoint_id).where(WebhookDelivery.id == delivery_id)
+        )
+    if endpoint_id is None:
         return False
-    outcome = await send_delivery(claim, settings=settings)
+    if not slots.try_take(endpoint_id):
+        # This endpoint has its share of senders: wait without holding a job slot.
+        raise Retry(defer=random.uniform(0.5, 1.5))  # noqa: S311
+    try:
+        async with job_session(ctx) as session:
+            claim = await claim_delivery(session, delivery_id=delivery_id, settings=settings)
+        if claim is None:
+            return False
+        outcome = await send_delivery(claim, settings=settings)
+    finally:
+        slots.give_back(endpoint_id)
     async with job_session(ctx) as session:
         follow_ups = await record_outcome(session, claim=claim, outcome=outcome, settings=settings)
     if follow_ups:
@@ -158,6 +251,7 @@ async def sweep_webhook_deliveries(ctx: dict[str, Any]) -> int:
     async with job_session(ctx) as session:
         ids = await due_deliveries(session)
     if ids:
-        failed = await enqueue_deliveries(ctx["redis"], ids)
-        log.info("swept_webhook_deliveries", count=len(ids), failed=failed)
+        await _push_and_reclaim(
+            ctx, "swept_webhook_deliveries", DELIVER_WEBHOOK, ids, delivery_job_id, webhook_queue
+        )
     return len(ids)

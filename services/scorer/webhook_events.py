@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.scorer.enqueue import DELIVER_AFTER_COMMIT
 from shared.enums import Tier, WebhookEventType
+from shared.queue import remember_deliveries
 
 if TYPE_CHECKING:
     from services.scorer.scoring import AccountState, Evaluation
@@ -134,10 +134,3 @@ async def record_account_events(
     delivery_ids = [int(row[0]) for row in inserted.all()]
     remember_deliveries(session, delivery_ids)
     return len(delivery_ids)
-
-
-def remember_deliveries(session: AsyncSession, delivery_ids: list[int]) -> None:
-    """Ask the commit point to push these deliveries' jobs once the transaction commits."""
-    if delivery_ids:
-        pending: set[int] = session.info.setdefault(DELIVER_AFTER_COMMIT, set())
-        pending.update(delivery_ids)

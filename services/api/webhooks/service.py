@@ -13,10 +13,10 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.api.errors import FieldError, NotFound, Unprocessable
-from services.scorer.webhook_events import remember_deliveries
 from services.scorer.webhook_targets import UnsafeTarget, resolve_target
 from shared.enums import DeliveryStatus, WebhookEventType
 from shared.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint, WebhookEvent
+from shared.queue import remember_deliveries
 
 SECRET_BYTES = 32
 
