@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import json
 import time
 from collections.abc import AsyncIterator
@@ -16,14 +17,19 @@ import httpx
 import pytest
 from arq.connections import ArqRedis
 from sqlalchemy import func, insert, select, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from standardwebhooks import Webhook
 
 from services.api.app import create_app
+from services.scorer import jobs
 from services.scorer.jobs import job_session
 from services.scorer.scoring import rescore_accounts, run_portfolio_pass
 from services.scorer.webhook_delivery import (
+    EXCERPT_BYTES,
+    RAW_EXCERPT_BYTES,
     claim_delivery,
+    excerpt_text,
     record_outcome,
     retry_delay,
     send_delivery,
@@ -171,6 +177,84 @@ async def test_retries_keep_the_webhook_id_and_sign_afresh(
     assert all(a["latency_ms"] is not None for a in item["attempt_log"])
     shown = await client.get(f"/v1/webhooks/{endpoint['id']}", headers=admin_headers)
     assert shown.json()["failing_since"] is None  # the success cleared it
+
+
+@pytest.mark.parametrize(
+    ("reply", "expected"),
+    [
+        # A receiver behind a compressing proxy: gzip whatever we asked for.
+        (
+            Reply(200, {"content-encoding": "gzip"}, gzip.compress(b'{"ok":true}' * 500)),
+            '{"ok":true}' * 93,
+        ),
+        (Reply(200, {}, b"ok\x00\x00done"), "ok\ufffd\ufffddone"),
+        (Reply(500, {}, b"\xff\xfe broken \xc3"), "\ufffd\ufffd broken \ufffd"),
+        (Reply(200, {"content-encoding": "br"}, b"\x1b\x00\x00"), "[3+ bytes, br-encoded]"),
+    ],
+    ids=["gzip", "nul", "invalid-utf8", "brotli"],
+)
+async def test_every_answer_is_recorded_once_whatever_its_bytes(
+    client: httpx.AsyncClient,
+    admin_headers: dict[str, str],
+    receiver: Receiver,
+    run_worker: RunWorker,
+    session: AsyncSession,
+    reply: Reply,
+    expected: str,
+) -> None:
+    receiver.default = reply
+    endpoint = await _register(client, admin_headers, receiver.url)
+    delivery_id = await _send_test(client, admin_headers, endpoint["id"])
+
+    await run_worker()
+
+    [request] = receiver.requests
+    assert request.headers["accept-encoding"] == "identity"
+    delivery = await _delivery(session, delivery_id)
+    assert delivery.attempts == 1
+    assert delivery.status == ("succeeded" if reply.status == 200 else "pending")
+    [attempt] = list(await session.scalars(select(WebhookAttempt)))
+    assert attempt.status_code == reply.status
+    assert attempt.response_excerpt is not None
+    assert attempt.response_excerpt.startswith(expected)
+    assert len(attempt.response_excerpt) <= EXCERPT_BYTES
+
+
+async def test_an_attempt_postgres_refuses_is_recorded_without_its_excerpt(
+    client: httpx.AsyncClient,
+    admin_headers: dict[str, str],
+    receiver: Receiver,
+    run_worker: RunWorker,
+    session: AsyncSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    receiver.default = Reply(500, {}, b"some answer")
+    endpoint = await _register(client, admin_headers, receiver.url)
+    delivery_id = await _send_test(client, admin_headers, endpoint["id"])
+    real = record_outcome
+    refused: list[str | None] = []
+
+    async def refusing(session: AsyncSession, *, claim: Any, outcome: Any, settings: Any) -> Any:
+        if outcome.excerpt is not None:  # as Postgres refused a NUL byte
+            refused.append(outcome.excerpt)
+            raise DBAPIError("INSERT", {}, ValueError("invalid byte sequence"))
+        return await real(session, claim=claim, outcome=outcome, settings=settings)
+
+    monkeypatch.setattr(jobs, "record_outcome", refusing)
+    await run_worker()
+
+    assert refused == ["some answer"]
+    assert len(receiver.requests) == 1
+    delivery = await _delivery(session, delivery_id)
+    assert (delivery.status, delivery.attempts) == ("pending", 1)  # recorded: a retry is due
+    [attempt] = list(await session.scalars(select(WebhookAttempt)))
+    assert (attempt.status_code, attempt.response_excerpt) == (500, None)
+
+
+def test_a_compressed_answer_is_inflated_no_further_than_the_excerpt() -> None:
+    bomb = gzip.compress(b"A" * 50_000_000)  # 50 MB inflated, 49 KB sent
+    assert excerpt_text(bomb[:RAW_EXCERPT_BYTES], "gzip") == "A" * EXCERPT_BYTES
+    assert excerpt_text(b"not gzip", "gzip") == "[8+ bytes, gzip that does not decode]"
 
 
 async def test_a_hanging_receiver_is_cut_at_the_timeout(

@@ -4,24 +4,28 @@ idempotent, keyed by the account id."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from datetime import timedelta
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
 from arq import Retry
 from sqlalchemy import delete, func, select
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.scorer.outage import Outage
 from services.scorer.reclaim import Refusals, reclaim_orphans
 from services.scorer.scoring import rescore_accounts, run_portfolio_pass
 from services.scorer.webhook_delivery import (
+    Claim,
+    Outcome,
     claim_delivery,
     due_deliveries,
     record_outcome,
@@ -238,11 +242,56 @@ async def deliver_webhook(ctx: dict[str, Any], delivery_id: int) -> bool:
         outcome = await send_delivery(claim, settings=settings)
     finally:
         slots.give_back(endpoint_id)
-    async with job_session(ctx) as session:
-        follow_ups = await record_outcome(session, claim=claim, outcome=outcome, settings=settings)
+    follow_ups = await _record(ctx, claim, outcome)
     if follow_ups:
         await enqueue_deliveries(ctx["redis"], follow_ups)
     return True
+
+
+async def _record(ctx: dict[str, Any], claim: Claim, outcome: Outcome) -> list[int]:
+    """Record the attempt, whatever it takes short of the lease running out: an attempt left
+    unrecorded is sent again after the lease without a trace of the first. A row Postgres
+    refuses is recorded again without the receiver's excerpt; a lost connection is retried
+    with backoff until shortly before the lease ends."""
+    settings: Settings = ctx["settings"]
+    sessionmaker: async_sessionmaker[AsyncSession] = ctx["sessionmaker"]
+    outage: Outage | None = ctx.get("postgres_outage")
+    wait = 0.2
+    while True:
+        try:
+            async with sessionmaker() as session, session.begin():
+                follow_ups = await record_outcome(
+                    session, claim=claim, outcome=outcome, settings=settings
+                )
+        except _DB_ERRORS as exc:
+            transient = isinstance(exc, OperationalError | InterfaceError | OSError) or (
+                isinstance(exc, DBAPIError) and exc.connection_invalidated
+            )
+            if not transient and outcome.excerpt is not None:
+                log.warning(
+                    "webhook_excerpt_refused",
+                    delivery_id=claim.delivery_id,
+                    error=type(exc).__name__,
+                )
+                outcome = replace(outcome, excerpt=None)
+                continue
+            if outage is not None:
+                outage.failed(exc)
+            left_s = (claim.lease_until - datetime.now(UTC)).total_seconds() - 5
+            if left_s <= 0:
+                log.error(
+                    "webhook_outcome_unrecorded",
+                    delivery_id=claim.delivery_id,
+                    error=type(exc).__name__,
+                    status_code=outcome.status_code,
+                )
+                raise
+            await asyncio.sleep(min(wait, left_s))
+            wait = min(wait * 2, 5.0)
+            continue
+        if outage is not None:
+            outage.succeeded()
+        return follow_ups
 
 
 async def sweep_webhook_deliveries(ctx: dict[str, Any]) -> int:

@@ -25,6 +25,7 @@ import random
 import ssl
 import time
 import uuid
+import zlib
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
@@ -45,6 +46,7 @@ from shared.settings import Settings
 log = structlog.get_logger(__name__)
 
 EXCERPT_BYTES = 1024
+RAW_EXCERPT_BYTES = 16 * 1024  # read at most this much of an answer, compressed or not
 LEASE_MARGIN = timedelta(seconds=30)
 MAX_RETRY_AFTER = timedelta(hours=24)
 USER_AGENT = "kam-webhooks/1"
@@ -161,6 +163,8 @@ def signed_headers(
         "webhook-signature": signatures,
         "content-type": "application/json",
         "user-agent": USER_AGENT,
+        # The excerpt we keep is the first KiB: plain text is what we can store and read.
+        "accept-encoding": "identity",
     }
 
 
@@ -226,14 +230,38 @@ async def send_delivery(claim: Claim, *, settings: Settings) -> Outcome:
 
 
 async def _excerpt(response: httpx.Response) -> str | None:
+    """The start of the receiver's answer, as text Postgres will store. We ask for an
+    uncompressed answer, but a receiver (or the proxy before it) may compress anyway: gzip and
+    deflate are inflated here, never past ``EXCERPT_BYTES`` of output."""
     taken = bytearray()
     async for chunk in response.aiter_raw():
         taken.extend(chunk)
-        if len(taken) >= EXCERPT_BYTES:
+        if len(taken) >= RAW_EXCERPT_BYTES:
             break
     if not taken:
         return None
-    return bytes(taken[:EXCERPT_BYTES]).decode("utf-8", errors="replace")
+    return excerpt_text(bytes(taken), response.headers.get("content-encoding", ""))
+
+
+def excerpt_text(raw: bytes, content_encoding: str = "") -> str:
+    """Whatever bytes a receiver sent, as at most ``EXCERPT_BYTES`` of valid text without NUL
+    (Postgres refuses NUL and invalid UTF-8 in text: an excerpt it refused once left the
+    attempt unrecorded and the delivery re-sent for ever)."""
+    encoding = content_encoding.strip().lower()
+    body = raw
+    if encoding in ("gzip", "x-gzip", "deflate"):
+        # wbits 47: a gzip or zlib header, detected; max_length bounds a decompression bomb.
+        try:
+            body = zlib.decompressobj(wbits=47).decompress(raw, EXCERPT_BYTES)
+        except zlib.error:
+            try:  # "deflate" is sometimes sent without its zlib header
+                body = zlib.decompressobj(wbits=-15).decompress(raw, EXCERPT_BYTES)
+            except zlib.error:
+                return f"[{len(raw)}+ bytes, {encoding} that does not decode]"
+    elif encoding not in ("", "identity"):
+        return f"[{len(raw)}+ bytes, {encoding}-encoded]"
+    text = body[:EXCERPT_BYTES].decode("utf-8", errors="replace")
+    return text.replace("\x00", "\ufffd")
 
 
 def _status_error(response: httpx.Response) -> str:
