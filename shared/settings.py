@@ -55,6 +55,22 @@ class Settings(BaseSettings):
         description="After a failed push, the pushes of this many seconds are skipped at once.",
     )
 
+    key_cache_ttl_s: float = Field(
+        default=1.0,
+        ge=0,
+        description="How long an API process trusts a verified key before looking it up again: "
+        "a revoked key is refused by every process within this time.",
+    )
+    body_read_timeout_s: float = Field(
+        default=15.0,
+        gt=0,
+        description="A request body that stalls this long between two reads is answered 408 "
+        "and its connection closed. (Header timeouts belong to the reverse proxy.)",
+    )
+    keep_alive_timeout_s: int = Field(
+        default=5, ge=1, description="An idle keep-alive connection is closed after this long."
+    )
+
     # Ingestion limits.
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
     max_batch_events: int = Field(default=1000, ge=1)

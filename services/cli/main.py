@@ -141,6 +141,9 @@ def run_api(host: str, port: int, workers: int) -> None:
         proxy_headers=True,
         access_log=False,
         timeout_graceful_shutdown=20,
+        # An idle keep-alive connection is closed after this; a stalled body is cut by the
+        # app (services/api/limits.py); header timeouts are the reverse proxy's (deploy/).
+        timeout_keep_alive=get_settings().keep_alive_timeout_s,
     )
 
 
