@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Iterable
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import structlog
 from arq.connections import ArqRedis
@@ -33,14 +33,15 @@ from shared.settings import Settings
 log = structlog.get_logger(__name__)
 
 RESCORE_ACCOUNT = "rescore_account"
-DELIVER_WEBHOOK = "deliver_webhook"
+DELIVER_WEBHOOKS = "deliver_webhooks"
 PORTFOLIO_JOB = "portfolio_pass"
 PORTFOLIO_JOB_ID = "portfolio"
-# The key of ``session.info`` under which a transaction collects the webhook deliveries it
-# created; the commit point pushes their jobs after the commit.
-DELIVER_AFTER_COMMIT = "webhook_delivery_ids"
+# The key of ``session.info`` under which a transaction collects the endpoints it created
+# deliveries for; the commit point pushes their jobs after the commit.
+DELIVER_AFTER_COMMIT = "webhook_endpoint_ids"
 
 _MAX_IN_FLIGHT = 32
+JobKey = TypeVar("JobKey", int, str)
 
 
 def rescore_queue(base: str) -> str:
@@ -63,9 +64,10 @@ def rescore_job_id(account_id: int) -> str:
     return f"rescore:{account_id}"
 
 
-def delivery_job_id(delivery_id: int) -> str:
-    """Fixed per delivery: a push by the sweeper while the job waits or runs adds nothing."""
-    return f"webhook:{delivery_id}"
+def delivery_job_id(endpoint_id: str) -> str:
+    """Fixed per endpoint: one job delivers what is due for the endpoint, so one worker sends
+    to it at a time (at its concurrency limit), and a push while the job waits adds nothing."""
+    return f"webhooks:{endpoint_id}"
 
 
 class JobRedis(ArqRedis):  # type: ignore[misc]  # arq is untyped
@@ -101,11 +103,13 @@ def create_redis(settings: Settings, *, enqueue_budget_s: float | None = None) -
     return redis
 
 
-def remember_deliveries(session: AsyncSession, delivery_ids: list[int]) -> None:
-    """Ask the commit point to push these deliveries' jobs once the transaction commits."""
-    if delivery_ids:
-        pending: set[int] = session.info.setdefault(DELIVER_AFTER_COMMIT, set())
-        pending.update(delivery_ids)
+def deliver_after_commit(session: AsyncSession, endpoint_ids: Iterable[Any]) -> None:
+    """Ask the commit point to push these endpoints' delivery jobs once the transaction
+    commits (call it with the endpoints of the deliveries the transaction created or made due)."""
+    wanted = {str(endpoint_id) for endpoint_id in endpoint_ids}
+    if wanted:
+        pending: set[str] = session.info.setdefault(DELIVER_AFTER_COMMIT, set())
+        pending.update(wanted)
 
 
 async def enqueue_rescores(redis: ArqRedis, account_ids: Iterable[int], *, defer_s: float) -> int:
@@ -123,13 +127,13 @@ async def enqueue_rescores(redis: ArqRedis, account_ids: Iterable[int], *, defer
     return result.failed
 
 
-async def enqueue_deliveries(redis: ArqRedis, delivery_ids: Iterable[int]) -> int:
-    """Ask for each delivery to be attempted now; returns how many pushes failed. The schedule
-    is in Postgres: a lost push only waits for the next sweep."""
+async def enqueue_deliveries(redis: ArqRedis, endpoint_ids: Iterable[str]) -> int:
+    """Ask for each endpoint's due deliveries to be attempted now; returns how many pushes
+    failed. The schedule is in Postgres: a lost push only waits for the next sweep."""
     result = await push_jobs(
         redis,
-        DELIVER_WEBHOOK,
-        delivery_ids,
+        DELIVER_WEBHOOKS,
+        endpoint_ids,
         job_id=delivery_job_id,
         queue=webhook_queue(redis.default_queue_name),
     )
@@ -158,7 +162,7 @@ class PushResult:
 
     __slots__ = ("failed", "refused", "total")
 
-    def __init__(self, *, total: int, failed: int, refused: list[int]) -> None:
+    def __init__(self, *, total: int, failed: int, refused: list[Any]) -> None:
         self.total = total
         self.failed = failed
         self.refused = refused
@@ -167,9 +171,9 @@ class PushResult:
 async def push_jobs(
     redis: ArqRedis,
     function: str,
-    ids: Iterable[int],
+    ids: Iterable[JobKey],
     *,
-    job_id: Callable[[int], str],
+    job_id: Callable[[JobKey], str],
     queue: str,
     defer_s: float = 0,
     with_argument: bool = True,
@@ -183,9 +187,9 @@ async def push_jobs(
         return PushResult(total=len(unique), failed=len(unique), refused=[])
     semaphore = asyncio.Semaphore(_MAX_IN_FLIGHT)
     redis_down = asyncio.Event()  # one failure is enough: do not wait out a timeout per job
-    outcome: dict[int, bool | None] = {}  # True pushed, None refused, absent failed
+    outcome: dict[JobKey, bool | None] = {}  # True pushed, None refused, absent failed
 
-    async def push(item: int) -> None:
+    async def push(item: JobKey) -> None:
         async with semaphore:
             if redis_down.is_set():
                 return

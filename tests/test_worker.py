@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from uuid import uuid4
-
 import httpx
 from arq.connections import ArqRedis
 from sqlalchemy import func, select, update
@@ -175,13 +173,3 @@ async def test_outage_logs_once_and_backs_off_to_a_cap() -> None:
     outage.succeeded()
     assert not outage.ongoing
     assert outage.failed(ConnectionError()) == 0.1
-
-
-def test_endpoint_slots_cap_each_endpoint_on_its_own() -> None:
-    slots = jobs.EndpointSlots(2)
-    a, b = uuid4(), uuid4()
-    assert [slots.try_take(a) for _ in range(3)] == [True, True, False]
-    assert slots.try_take(b)
-    slots.give_back(a)
-    assert slots.try_take(a)
-    assert not slots.try_take(a)

@@ -44,7 +44,7 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
             )
         if session.info.pop(PORTFOLIO_AFTER_COMMIT, False):
             await enqueue_portfolio_pass(request.app.state.redis)
-        deliveries: set[int] = session.info.pop(DELIVER_AFTER_COMMIT, set())
+        deliveries: set[str] = session.info.pop(DELIVER_AFTER_COMMIT, set())
         if deliveries:
             await enqueue_deliveries(request.app.state.redis, deliveries)
 

@@ -5,7 +5,6 @@ idempotent, keyed by the account id."""
 from __future__ import annotations
 
 import asyncio
-import random
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -25,17 +24,18 @@ from services.scorer.reclaim import Refusals, reclaim_orphans
 from services.scorer.scoring import rescore_accounts, run_portfolio_pass
 from services.scorer.webhook_delivery import (
     Claim,
+    EndpointSender,
     Outcome,
-    claim_delivery,
-    due_deliveries,
-    record_outcome,
-    send_delivery,
+    claim_due,
+    due_endpoints,
+    record_outcomes,
 )
-from shared.models import Account, DirtyAccount, WebhookDelivery
+from shared.models import Account, DirtyAccount
 from shared.queue import (
     DELIVER_AFTER_COMMIT,
-    DELIVER_WEBHOOK,
+    DELIVER_WEBHOOKS,
     RESCORE_ACCOUNT,
+    JobKey,
     delivery_job_id,
     enqueue_deliveries,
     push_jobs,
@@ -50,32 +50,11 @@ log = structlog.get_logger(__name__)
 # A sweep re-drives accounts that stayed dirty this long: longer than a debounced rescore takes.
 SWEEP_GRACE = timedelta(seconds=10)
 SWEEP_BATCH = 5000
-# A delivery whose endpoint is at its concurrency limit retries every second or so; after this
-# many tries the job gives up and the webhook sweeper pushes the delivery again.
-DELIVERY_MAX_TRIES = 60
+# How long one endpoint's delivery job keeps claiming batches before it makes way (it runs
+# again at once when more is due): well inside the job's timeout, which is
+# ``DELIVERY_RUN_S + webhook_timeout_s + 30``.
+DELIVERY_RUN_S = 30.0
 _DB_ERRORS = (OperationalError, DBAPIError, OSError)
-
-
-class EndpointSlots:
-    """How many deliveries this process is sending to each endpoint, against a limit."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.in_flight: dict[uuid.UUID, int] = {}
-
-    def try_take(self, endpoint_id: uuid.UUID) -> bool:
-        taken = self.in_flight.get(endpoint_id, 0)
-        if taken >= self.limit:
-            return False
-        self.in_flight[endpoint_id] = taken + 1
-        return True
-
-    def give_back(self, endpoint_id: uuid.UUID) -> None:
-        left = self.in_flight.get(endpoint_id, 1) - 1
-        if left:
-            self.in_flight[endpoint_id] = left
-        else:
-            self.in_flight.pop(endpoint_id, None)
 
 
 @asynccontextmanager
@@ -96,7 +75,7 @@ async def job_session(ctx: dict[str, Any]) -> AsyncIterator[AsyncSession]:
         raise Retry(defer=min(60, 2**tries)) from exc
     if outage is not None:
         outage.succeeded()
-    deliveries: set[int] = session.info.pop(DELIVER_AFTER_COMMIT, set())
+    deliveries: set[str] = session.info.pop(DELIVER_AFTER_COMMIT, set())
     if deliveries:
         await enqueue_deliveries(ctx["redis"], deliveries)
 
@@ -191,8 +170,8 @@ async def _push_and_reclaim(
     ctx: dict[str, Any],
     event: str,
     function: str,
-    ids: list[int],
-    job_id: Callable[[int], str],
+    ids: list[JobKey],
+    job_id: Callable[[JobKey], str],
     queue_of: Callable[[str], str],
 ) -> None:
     """Push a sweep's jobs; for each push arq refuses (the job id is taken), find out why and
@@ -218,72 +197,83 @@ async def _push_and_reclaim(
     )
 
 
-async def deliver_webhook(ctx: dict[str, Any], delivery_id: int) -> bool:
-    """Attempt one webhook delivery, if it is due and first in line; returns whether an
-    attempt was made. The HTTP request runs between two short transactions, never inside one."""
+async def deliver_webhooks(ctx: dict[str, Any], endpoint_id: str) -> int:
+    """Deliver what is due for one endpoint, in batches, until nothing is due; returns the
+    attempts made. One job per endpoint (its job id), so one worker sends to an endpoint at a
+    time, at most ``KAM_WEBHOOK_ENDPOINT_CONCURRENCY`` requests at once over one keep-alive
+    client. The HTTP requests run between two short transactions per batch, never inside one."""
     settings: Settings = ctx["settings"]
-    slots: EndpointSlots = ctx.setdefault(
-        "endpoint_slots", EndpointSlots(settings.webhook_endpoint_concurrency)
-    )
-    async with job_session(ctx) as session:
-        endpoint_id = await session.scalar(
-            select(WebhookDelivery.endpoint_id).where(WebhookDelivery.id == delivery_id)
-        )
-    if endpoint_id is None:
-        return False
-    if not slots.try_take(endpoint_id):
-        # This endpoint has its share of senders: wait without holding a job slot.
-        raise Retry(defer=random.uniform(0.5, 1.5))  # noqa: S311
+    endpoint = uuid.UUID(endpoint_id)
+    sender: EndpointSender | None = None
+    attempts = 0
+    started = asyncio.get_running_loop().time()
     try:
-        async with job_session(ctx) as session:
-            claim = await claim_delivery(session, delivery_id=delivery_id, settings=settings)
-        if claim is None:
-            return False
-        outcome = await send_delivery(claim, settings=settings)
+        while True:
+            async with job_session(ctx) as session:
+                claims = await claim_due(session, endpoint_id=endpoint, settings=settings)
+            if not claims:
+                return attempts
+            if sender is None or sender.url != claims[0].url:
+                if sender is not None:
+                    await sender.aclose()
+                sender = EndpointSender(
+                    claims[0].url,
+                    settings=settings,
+                    concurrency=settings.webhook_endpoint_concurrency,
+                )
+            await sender.check()  # the address, checked again for every batch
+            outcomes = await sender.send_all(claims)
+            attempts += len(claims)
+            enabled = await _record(ctx, endpoint, list(zip(claims, outcomes, strict=True)))
+            if not enabled:
+                return attempts
+            if asyncio.get_running_loop().time() - started > DELIVERY_RUN_S:
+                # Make way for other endpoints' jobs; run again at once for the rest.
+                raise Retry(defer=0.01)
     finally:
-        slots.give_back(endpoint_id)
-    follow_ups = await _record(ctx, claim, outcome)
-    if follow_ups:
-        await enqueue_deliveries(ctx["redis"], follow_ups)
-    return True
+        if sender is not None:
+            await sender.aclose()
 
 
-async def _record(ctx: dict[str, Any], claim: Claim, outcome: Outcome) -> list[int]:
-    """Record the attempt, whatever it takes short of the lease running out: an attempt left
-    unrecorded is sent again after the lease without a trace of the first. A row Postgres
-    refuses is recorded again without the receiver's excerpt; a lost connection is retried
-    with backoff until shortly before the lease ends."""
+async def _record(
+    ctx: dict[str, Any], endpoint_id: uuid.UUID, results: list[tuple[Claim, Outcome]]
+) -> bool:
+    """Record a batch's attempts, whatever it takes short of a lease running out: an attempt
+    left unrecorded is sent again after the lease without a trace of the first. Rows Postgres
+    refuses are recorded again without the receivers' excerpts; a lost connection is retried
+    with backoff until shortly before the first lease ends."""
     settings: Settings = ctx["settings"]
     sessionmaker: async_sessionmaker[AsyncSession] = ctx["sessionmaker"]
     outage: Outage | None = ctx.get("postgres_outage")
+    lease_until = min(claim.lease_until for claim, _ in results)
     wait = 0.2
     while True:
         try:
             async with sessionmaker() as session, session.begin():
-                follow_ups = await record_outcome(
-                    session, claim=claim, outcome=outcome, settings=settings
+                enabled = await record_outcomes(
+                    session, endpoint_id=endpoint_id, results=results, settings=settings
                 )
         except _DB_ERRORS as exc:
             transient = isinstance(exc, OperationalError | InterfaceError | OSError) or (
                 isinstance(exc, DBAPIError) and exc.connection_invalidated
             )
-            if not transient and outcome.excerpt is not None:
+            if not transient and any(outcome.excerpt is not None for _, outcome in results):
                 log.warning(
-                    "webhook_excerpt_refused",
-                    delivery_id=claim.delivery_id,
+                    "webhook_excerpts_refused",
+                    endpoint_id=str(endpoint_id),
                     error=type(exc).__name__,
                 )
-                outcome = replace(outcome, excerpt=None)
+                results = [(claim, replace(outcome, excerpt=None)) for claim, outcome in results]
                 continue
             if outage is not None:
                 outage.failed(exc)
-            left_s = (claim.lease_until - datetime.now(UTC)).total_seconds() - 5
+            left_s = (lease_until - datetime.now(UTC)).total_seconds() - 5
             if left_s <= 0:
                 log.error(
-                    "webhook_outcome_unrecorded",
-                    delivery_id=claim.delivery_id,
+                    "webhook_outcomes_unrecorded",
+                    endpoint_id=str(endpoint_id),
+                    deliveries=[claim.delivery_id for claim, _ in results],
                     error=type(exc).__name__,
-                    status_code=outcome.status_code,
                 )
                 raise
             await asyncio.sleep(min(wait, left_s))
@@ -291,16 +281,16 @@ async def _record(ctx: dict[str, Any], claim: Claim, outcome: Outcome) -> list[i
             continue
         if outage is not None:
             outage.succeeded()
-        return follow_ups
+        return enabled
 
 
 async def sweep_webhook_deliveries(ctx: dict[str, Any]) -> int:
     """Push the deliveries whose time has come: retries fall due here, and a job lost to a
     Redis flush or a crash (or a lease left by a worker killed mid-send) is re-driven."""
     async with job_session(ctx) as session:
-        ids = await due_deliveries(session)
+        ids = [str(endpoint_id) for endpoint_id in await due_endpoints(session)]
     if ids:
         await _push_and_reclaim(
-            ctx, "swept_webhook_deliveries", DELIVER_WEBHOOK, ids, delivery_job_id, webhook_queue
+            ctx, "swept_webhook_deliveries", DELIVER_WEBHOOKS, ids, delivery_job_id, webhook_queue
         )
     return len(ids)

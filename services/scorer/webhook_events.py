@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.enums import Tier, WebhookEventType
-from shared.queue import remember_deliveries
+from shared.queue import deliver_after_commit
 
 if TYPE_CHECKING:
     from services.scorer.scoring import AccountState, Evaluation
@@ -75,7 +75,7 @@ SELECT e.id, ep.id, now()
 FROM events e
 JOIN webhook_endpoints ep ON ep.enabled AND e.type = ANY(ep.event_types)
 ORDER BY e.account_id, e.type DESC  -- a tier change before the band change of the same rescore
-RETURNING id
+RETURNING id, endpoint_id
 """
 
 
@@ -131,6 +131,6 @@ async def record_account_events(
     inserted = await connection.exec_driver_sql(
         _RECORD_ACCOUNT_EVENTS, (*columns, occurred_at, policy_version)
     )
-    delivery_ids = [int(row[0]) for row in inserted.all()]
-    remember_deliveries(session, delivery_ids)
-    return len(delivery_ids)
+    rows: list[Any] = list(inserted.all())
+    deliver_after_commit(session, {row[1] for row in rows})
+    return len(rows)

@@ -5,8 +5,9 @@ in one process, sharing one Postgres engine and one Redis pool):
 
 - ``rescore``: account rescores and the two sweepers, on the base queue. Short jobs only, so
   arq's in-progress key of a job (its function timeout plus 10 s) lives well under a minute.
-- ``webhooks``: webhook deliveries, with their own job slots and a limit per endpoint, so a slow
-  or dead receiver delays neither scoring nor the other endpoints.
+- ``webhooks``: webhook deliveries, one job per endpoint (so at most
+  ``KAM_WEBHOOK_ENDPOINT_CONCURRENCY`` requests to an endpoint at once) in job slots of their
+  own, so a slow or dead receiver delays neither scoring nor the other endpoints.
 - ``portfolio``: the portfolio pass (hourly cron and on demand), the one long job, alone.
 
 Every role rides out Redis outages (refused or hung): the poll loop backs off (capped at 5 s),
@@ -38,7 +39,7 @@ from services.scorer.outage import Outage
 from services.scorer.reclaim import HEARTBEAT_S, HELD_TTL_S, held_key
 from shared.db import create_engine, create_sessionmaker
 from shared.queue import (
-    DELIVER_WEBHOOK,
+    DELIVER_WEBHOOKS,
     PORTFOLIO_JOB,
     RESCORE_ACCOUNT,
     JobRedis,
@@ -189,18 +190,18 @@ def _role_kwargs(role: Role, settings: Settings) -> dict[str, Any]:
             "job_timeout": max(settings.job_timeout_s, SWEEP_TIMEOUT_S),
         }
     if role is Role.webhooks:
-        # the attempt, its two short transactions, and a margin
-        timeout = int(settings.webhook_timeout_s) + 30
+        # a run of batches, the last attempt, its transactions, and a margin
+        timeout = int(jobs.DELIVERY_RUN_S + settings.webhook_timeout_s) + 30
         return {
             "queue_name": webhook_queue(base),
             "functions": [
                 func(
-                    jobs.deliver_webhook,
-                    name=DELIVER_WEBHOOK,
+                    jobs.deliver_webhooks,
+                    name=DELIVER_WEBHOOKS,
                     keep_result=0,
                     timeout=timeout,
-                    # a delivery whose endpoint is at its limit waits by retrying
-                    max_tries=jobs.DELIVERY_MAX_TRIES,
+                    # a busy endpoint's job makes way every DELIVERY_RUN_S by retrying
+                    max_tries=100,
                 )
             ],
             "cron_jobs": [],
@@ -246,7 +247,6 @@ class Scorer:
             "settings": settings,
             "postgres_outage": Outage("postgres"),
             "in_progress_ttl_s": {},
-            "endpoint_slots": jobs.EndpointSlots(settings.webhook_endpoint_concurrency),
         }
         self.workers: list[ResilientWorker] = []
         for role in sorted(set(roles)):
