@@ -123,6 +123,12 @@ class Settings(BaseSettings):
     webhook_secret_overlap_s: int = Field(
         default=24 * 3600, ge=0, description="How long a rotated-out secret keeps signing."
     )
+    webhook_lease_margin_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="A claimed delivery is leased for the attempt's timeout plus this: a "
+        "worker killed mid-send leaves it to be retried once the lease has run out.",
+    )
     webhook_max_jobs: int = Field(
         default=20, ge=1, description="Webhook deliveries one scorer runs at once."
     )

@@ -52,7 +52,6 @@ log = structlog.get_logger(__name__)
 
 EXCERPT_BYTES = 1024
 RAW_EXCERPT_BYTES = 16 * 1024  # read at most this much of an answer, compressed or not
-LEASE_MARGIN = timedelta(seconds=30)
 MAX_RETRY_AFTER = timedelta(hours=24)
 USER_AGENT = "kam-webhooks/1"
 SWEEP_BATCH = 1000
@@ -145,7 +144,7 @@ async def claim_due(
 ) -> list[Claim]:
     """Lease the endpoint's deliveries to attempt now (pending, due, first in line for their
     account, endpoint enabled; none another worker holds), oldest first."""
-    lease_s = settings.webhook_timeout_s + LEASE_MARGIN.total_seconds()
+    lease_s = settings.webhook_timeout_s + settings.webhook_lease_margin_s
     rows = await session.execute(
         text(_CLAIM_DUE), {"endpoint_id": endpoint_id, "limit": limit, "lease_s": lease_s}
     )
