@@ -10,9 +10,10 @@ Three queues, so that no kind of job waits behind another kind: rescores and the
 base queue (``KAM_QUEUE_NAME``), webhook deliveries on ``<base>:webhooks``, the portfolio pass on
 ``<base>:portfolio``.
 
-A hung or dead Redis costs a request at most ``KAM_ENQUEUE_BUDGET_S`` in all; after a failure the
-pushes of the next ``KAM_ENQUEUE_PAUSE_S`` are skipped at once (left to the sweepers) instead of
-each waiting out a connection timeout.
+A hung or dead Redis costs a request about ``KAM_ENQUEUE_BUDGET_S`` once: each push has that
+long, the pushes in flight give up together and the rest of the request's are skipped; after a
+failure the pushes of the next ``KAM_ENQUEUE_PAUSE_S`` are skipped at once (left to the
+sweepers) instead of each waiting out a connection timeout.
 """
 
 from __future__ import annotations
@@ -178,13 +179,14 @@ async def push_jobs(
     defer_s: float = 0,
     with_argument: bool = True,
 ) -> PushResult:
-    """Push one job per id (a few at a time) within the client's enqueue budget."""
+    """Push one job per id (a few at a time), each within the client's enqueue budget."""
     unique = sorted(set(ids))
     if not unique:
         return PushResult(total=0, failed=0, refused=[])
     paused = getattr(redis, "is_paused", None)
     if paused is not None and paused():
         return PushResult(total=len(unique), failed=len(unique), refused=[])
+    budget: float | None = getattr(redis, "enqueue_budget_s", None)
     semaphore = asyncio.Semaphore(_MAX_IN_FLIGHT)
     redis_down = asyncio.Event()  # one failure is enough: do not wait out a timeout per job
     outcome: dict[JobKey, bool | None] = {}  # True pushed, None refused, absent failed
@@ -195,27 +197,26 @@ async def push_jobs(
                 return
             args: tuple[Any, ...] = (item,) if with_argument else ()
             try:
-                job = await redis.enqueue_job(
-                    function,
-                    *args,
-                    _job_id=job_id(item),
-                    _queue_name=queue,
-                    _defer_by=defer_s or None,
-                )
-            except (RedisError, OSError) as exc:
+                # Per push, not per request: a large batch on a busy but healthy Redis takes
+                # as long as it takes, while the pushes in flight to a hung one all give up
+                # together after one budget, and the rest are skipped.
+                async with asyncio.timeout(budget):
+                    job = await redis.enqueue_job(
+                        function,
+                        *args,
+                        _job_id=job_id(item),
+                        _queue_name=queue,
+                        _defer_by=defer_s or None,
+                    )
+            except (RedisError, OSError, TimeoutError) as exc:
                 if not redis_down.is_set():
-                    log.warning("enqueue_failed", job=function, error=type(exc).__name__)
+                    error = "no answer within the budget" if isinstance(exc, TimeoutError) else ""
+                    log.warning("enqueue_failed", job=function, error=error or type(exc).__name__)
                 redis_down.set()
                 return
             outcome[item] = True if job is not None else None
 
-    budget = getattr(redis, "enqueue_budget_s", None)
-    try:
-        async with asyncio.timeout(budget):
-            await asyncio.gather(*(push(i) for i in unique))
-    except TimeoutError:
-        log.warning("enqueue_failed", job=function, error="budget exhausted", budget_s=budget)
-        redis_down.set()
+    await asyncio.gather(*(push(i) for i in unique))
     if redis_down.is_set() and hasattr(redis, "pause"):
         redis.pause()
     refused = [i for i in unique if i in outcome and outcome[i] is None]

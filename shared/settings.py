@@ -46,8 +46,9 @@ class Settings(BaseSettings):
     enqueue_budget_s: float = Field(
         default=0.25,
         gt=0,
-        description="The most the API spends pushing one request's jobs to Redis; a push that "
-        "does not make it is left to the scorer's sweepers (the dirty mark is in Postgres).",
+        description="The most one push of a job to Redis may take (the pushes of a request run "
+        "a few dozen at once, and all give up after a first failure): a push that does not "
+        "make it is left to the scorer's sweepers (the dirty mark is in Postgres).",
     )
     enqueue_pause_s: float = Field(
         default=2.0,

@@ -54,7 +54,7 @@ log = structlog.get_logger(__name__)
 
 SWEEP_TIMEOUT_S = 30
 # The scorer's own pushes (a sweep pushes thousands) get a longer budget than a request's.
-WORKER_ENQUEUE_BUDGET_S = 10.0
+WORKER_ENQUEUE_BUDGET_S = 5.0
 
 
 class Role(StrEnum):
