@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import os
+import signal
 import statistics
 import time
 import uuid
@@ -307,3 +308,41 @@ async def test_single_events_and_rescores_never_deadlock(
 
 def _uuid(value: str) -> uuid.UUID:
     return uuid.UUID(value)
+
+
+async def test_sigterm_stops_the_scorer_within_its_grace_and_hands_back(
+    stack: Stack, api: httpx.AsyncClient, db: asyncpg.Connection
+) -> None:
+    receiver = Receiver(script=[Reply(hang_s=30)])
+    await receiver.start()
+    try:
+        stack.start_scorer()
+        created = await api.post(
+            "/v1/webhooks",
+            json={"url": receiver.url, "event_types": ["account.tier_changed"]},
+        )
+        await api.post(f"/v1/webhooks/{created.json()['id']}/test")
+        await asyncio.wait_for(receiver.arrived.wait(), 30)
+        assert stack.scorer is not None
+        stopping = time.monotonic()
+        stack.scorer.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(stack.scorer.wait, 20)
+        # the grace (2 s here), then the running job is cancelled and handed back
+        assert time.monotonic() - stopping < 10
+        assert code == 0
+        assert "scorer_stopped" in stack.scorer_log().read_text()
+
+        stack.start_scorer()
+        receiver.arrived.clear()
+        await asyncio.wait_for(receiver.arrived.wait(), 30)  # delivered by the next scorer
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            row = await db.fetchrow("SELECT status, attempts FROM webhook_deliveries")
+            if row["status"] == "succeeded":
+                break
+            await asyncio.sleep(0.2)
+        assert row["status"] == "succeeded"
+        recorded = await db.fetchval("SELECT count(*) FROM webhook_attempts")
+        assert recorded <= len(receiver.requests)
+    finally:
+        await receiver.stop()
