@@ -573,6 +573,32 @@ async def test_an_endpoint_gets_its_share_of_senders_and_each_accounts_order(
         assert ids.index(f"msg_{n}_1") < ids.index(f"msg_{n}_2")
 
 
+async def test_a_batch_never_outlives_its_leases(
+    client: httpx.AsyncClient,
+    admin_headers: dict[str, str],
+    receiver: Receiver,
+    session: AsyncSession,
+    settings: Settings,
+) -> None:
+    """Attempts not started within half the lease margin are released, not sent late: each
+    delivery is attempted once, recorded once."""
+    endpoint = await _register(client, admin_headers, receiver.url)
+    for _ in range(10):
+        await _send_test(client, admin_headers, endpoint["id"])
+    receiver.default = Reply(hang_s=0.3)
+    scorer = create_worker(settings.model_copy(update={"webhook_lease_margin_s": 0.4}), burst=True)
+    try:
+        await scorer.main()
+    finally:
+        await scorer.close()
+
+    assert len(receiver.requests) == 10
+    assert receiver.most_in_flight <= settings.webhook_endpoint_concurrency
+    rows = (await session.execute(select(WebhookDelivery.status, WebhookDelivery.attempts))).all()
+    assert {tuple(r) for r in rows} == {("succeeded", 1)}
+    assert await session.scalar(select(func.count()).select_from(WebhookAttempt)) == 10
+
+
 async def test_redeliver_resends_with_the_same_webhook_id(
     client: httpx.AsyncClient,
     admin_headers: dict[str, str],

@@ -5,6 +5,7 @@ idempotent, keyed by the account id."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -222,9 +223,12 @@ async def deliver_webhooks(ctx: dict[str, Any], endpoint_id: str) -> int:
                     concurrency=settings.webhook_endpoint_concurrency,
                 )
             await sender.check()  # the address, checked again for every batch
-            outcomes = await sender.send_all(claims)
-            attempts += len(claims)
-            enabled = await _record(ctx, endpoint, list(zip(claims, outcomes, strict=True)))
+            start_by = time.monotonic() + settings.webhook_lease_margin_s / 2
+            outcomes = await sender.send_all(claims, start_by=start_by)
+            results = [(c, o) for c, o in zip(claims, outcomes, strict=True) if o is not None]
+            released = [c for c, o in zip(claims, outcomes, strict=True) if o is None]
+            attempts += len(results)
+            enabled = await _record(ctx, endpoint, results, released)
             if not enabled:
                 return attempts
             if asyncio.get_running_loop().time() - started > DELIVERY_RUN_S:
@@ -236,7 +240,10 @@ async def deliver_webhooks(ctx: dict[str, Any], endpoint_id: str) -> int:
 
 
 async def _record(
-    ctx: dict[str, Any], endpoint_id: uuid.UUID, results: list[tuple[Claim, Outcome]]
+    ctx: dict[str, Any],
+    endpoint_id: uuid.UUID,
+    results: list[tuple[Claim, Outcome]],
+    released: list[Claim],
 ) -> bool:
     """Record a batch's attempts, whatever it takes short of a lease running out: an attempt
     left unrecorded is sent again after the lease without a trace of the first. Rows Postgres
@@ -245,13 +252,17 @@ async def _record(
     settings: Settings = ctx["settings"]
     sessionmaker: async_sessionmaker[AsyncSession] = ctx["sessionmaker"]
     outage: Outage | None = ctx.get("postgres_outage")
-    lease_until = min(claim.lease_until for claim, _ in results)
+    lease_until = min(claim.lease_until for claim in [*(c for c, _ in results), *released])
     wait = 0.2
     while True:
         try:
             async with sessionmaker() as session, session.begin():
                 enabled = await record_outcomes(
-                    session, endpoint_id=endpoint_id, results=results, settings=settings
+                    session,
+                    endpoint_id=endpoint_id,
+                    results=results,
+                    settings=settings,
+                    released=released,
                 )
         except _DB_ERRORS as exc:
             transient = isinstance(exc, OperationalError | InterfaceError | OSError) or (

@@ -11,10 +11,11 @@ across all workers). The job works in batches:
    ``next_attempt_at`` past the end of the attempt: a lease, so a worker killed mid-send leaves
    them to the sweeper once the lease has run out (the retry carries the same ``webhook-id``:
    at least once).
-2. ``send_delivery`` for each (no transaction open), at most ``webhook_endpoint_concurrency``
+2. ``EndpointSender.send_all`` (no transaction open), at most ``webhook_endpoint_concurrency``
    at once over one keep-alive client per endpoint: sign and POST, at most
    ``webhook_timeout_s`` each, redirects not followed, the address checked again per batch and
-   connected to as checked.
+   connected to as checked. Attempts not started within half the lease margin are not made:
+   those deliveries are released (due again at once), so a batch never outlives its leases.
 3. ``record_outcomes`` (one short transaction per batch): log every attempt and decide each:
    2xx succeeded; 410 disables the endpoint; otherwise the next retry of the schedule (with
    jitter, and not before a 429/503's ``Retry-After``), or failed after the last. An endpoint
@@ -31,6 +32,7 @@ import ssl
 import time
 import uuid
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
@@ -55,7 +57,7 @@ RAW_EXCERPT_BYTES = 16 * 1024  # read at most this much of an answer, compressed
 MAX_RETRY_AFTER = timedelta(hours=24)
 USER_AGENT = "kam-webhooks/1"
 SWEEP_BATCH = 1000
-CLAIM_BATCH = 50
+CLAIM_BATCH = 200
 
 # (Only this constant is interpolated into the queries below: S608 does not apply.)
 # No earlier delivery of the same account's events to the same endpoint is still pending.
@@ -95,6 +97,12 @@ JOIN webhook_endpoints ep ON ep.id = d.endpoint_id AND ep.enabled
 WHERE d.status = 'pending' AND d.next_attempt_at <= now() AND {_FIRST_IN_LINE}
 LIMIT :limit
 """  # noqa: S608
+
+_RELEASE = """
+UPDATE webhook_deliveries d SET next_attempt_at = now()
+FROM unnest(CAST(:ids AS bigint[]), CAST(:leases AS timestamptz[])) AS u(id, lease_until)
+WHERE d.id = u.id AND d.status = 'pending' AND d.next_attempt_at = u.lease_until
+"""
 
 _RECORD = """
 UPDATE webhook_deliveries d
@@ -284,12 +292,16 @@ class EndpointSender:
             error = f"{type(exc).__name__}: {exc}"[:500]
             return Outcome(attempted_at, None, elapsed_ms(), error=error)
 
-    async def send_all(self, claims: list[Claim]) -> list[Outcome]:
-        """Each claim's attempt, at most ``concurrency`` at once, in the claims' order."""
+    async def send_all(self, claims: list[Claim], *, start_by: float) -> list[Outcome | None]:
+        """Each claim's attempt, at most ``concurrency`` at once, in the claims' order; None
+        for the claims not started by ``start_by`` (monotonic time), so that a receiver that
+        turns slow mid-batch cannot keep the rest of the batch past its lease."""
         slots = asyncio.Semaphore(self.concurrency)
 
-        async def one(claim: Claim) -> Outcome:
+        async def one(claim: Claim) -> Outcome | None:
             async with slots:
+                if time.monotonic() > start_by:
+                    return None
                 return await self.send(claim)
 
         return list(await asyncio.gather(*(one(c) for c in claims)))
@@ -387,13 +399,25 @@ async def record_outcomes(
     endpoint_id: uuid.UUID,
     results: list[tuple[Claim, Outcome]],
     settings: Settings,
+    released: Sequence[Claim] = (),
 ) -> bool:
-    """Log a batch's attempts and move each delivery on, in one transaction; returns whether
-    the endpoint is still enabled (False also when it was deleted meanwhile)."""
+    """Log a batch's attempts and move each delivery on, in one transaction; the ``released``
+    claims (not attempted) are due again at once. Returns whether the endpoint is still
+    enabled (False also when it was deleted meanwhile)."""
     endpoint = await session.get(WebhookEndpoint, endpoint_id, with_for_update=True)
     if endpoint is None:
         log.info("webhook_outcomes_dropped", endpoint_id=str(endpoint_id), reason="deleted")
         return False
+    if released:
+        await session.execute(
+            text(_RELEASE),
+            {
+                "ids": [claim.delivery_id for claim in released],
+                "leases": [claim.lease_until for claim in released],
+            },
+        )
+    if not results:
+        return endpoint.enabled
     await session.execute(
         insert(WebhookAttempt),
         [

@@ -190,8 +190,10 @@ def _role_kwargs(role: Role, settings: Settings) -> dict[str, Any]:
             "job_timeout": max(settings.job_timeout_s, SWEEP_TIMEOUT_S),
         }
     if role is Role.webhooks:
-        # a run of batches, the last attempt, its transactions, and a margin
-        timeout = int(jobs.DELIVERY_RUN_S + settings.webhook_timeout_s) + 30
+        # a run of batches, then a last batch (its attempts start within half the lease
+        # margin and take at most the attempt timeout), its transactions, and a margin
+        last_batch_s = settings.webhook_lease_margin_s / 2 + settings.webhook_timeout_s
+        timeout = int(jobs.DELIVERY_RUN_S + last_batch_s) + 30
         return {
             "queue_name": webhook_queue(base),
             "functions": [
