@@ -60,8 +60,9 @@ _DB_ERRORS = (OperationalError, DBAPIError, OSError)
 
 @asynccontextmanager
 async def job_session(ctx: dict[str, Any]) -> AsyncIterator[AsyncSession]:
-    """The worker's one commit point; a database outage becomes an arq retry with backoff.
-    Webhook deliveries the transaction created are pushed after the commit."""
+    """The worker's one commit point; a database outage becomes an arq retry with backoff
+    (logged once per outage). The delivery jobs of the endpoints the transaction created
+    deliveries for are pushed after the commit."""
     sessionmaker: async_sessionmaker[AsyncSession] = ctx["sessionmaker"]
     outage: Outage | None = ctx.get("postgres_outage")
     try:
