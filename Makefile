@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install run test lint format bench bench-ingest bench-score bench-webhooks clean
+.PHONY: install run test lint format bench bench-ingest bench-score bench-webhooks soak clean
 
 install: $(INSTALLED)
 
@@ -43,6 +43,9 @@ bench-score: install ## 100,000 accounts, 5M orders: the portfolio pass, event-t
 
 bench-webhooks: install ## order to verified webhook, delivery throughput beside a bare httpx loop
 	$(BIN)/python -m bench.webhooks
+
+soak: install ## ten minutes of mixed load, watched each minute; then everything must drain
+	$(BIN)/python -m bench.soak $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -43,6 +43,34 @@ class Settings(BaseSettings):
     db_statement_timeout_ms: int = Field(default=30_000, ge=0)
     redis_timeout_s: float = Field(default=2.0, gt=0)
     retry_after_s: int = Field(default=5, ge=1, description="Retry-After sent with 503 answers.")
+    enqueue_budget_s: float = Field(
+        default=0.25,
+        gt=0,
+        description="The most one push of a job to Redis may take (the pushes of a request run "
+        "a few dozen at once, and all give up after a first failure): a push that does not "
+        "make it is left to the scorer's sweepers (the dirty mark is in Postgres).",
+    )
+    enqueue_pause_s: float = Field(
+        default=2.0,
+        ge=0,
+        description="After a failed push, the pushes of this many seconds are skipped at once.",
+    )
+
+    key_cache_ttl_s: float = Field(
+        default=1.0,
+        ge=0,
+        description="How long an API process trusts a verified key before looking it up again: "
+        "a revoked key is refused by every process within this time.",
+    )
+    body_read_timeout_s: float = Field(
+        default=15.0,
+        gt=0,
+        description="A request body that stalls this long between two reads is answered 408 "
+        "and its connection closed. (Header timeouts belong to the reverse proxy.)",
+    )
+    keep_alive_timeout_s: int = Field(
+        default=5, ge=1, description="An idle keep-alive connection is closed after this long."
+    )
 
     # Ingestion limits.
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
@@ -54,8 +82,20 @@ class Settings(BaseSettings):
     sweep_interval_s: int = Field(default=30, ge=1)
     # How often the scorer checks whether a bulk load has gone quiet and needs a full pass.
     settle_interval_s: int = Field(default=15, ge=1)
-    worker_max_jobs: int = Field(default=10, ge=1)
-    job_timeout_s: int = Field(default=300, ge=1)
+    worker_max_jobs: int = Field(default=10, ge=1, description="Rescores one scorer runs at once.")
+    job_timeout_s: int = Field(
+        default=30,
+        ge=1,
+        description="Longest a rescore may run. arq keeps a started job's in-progress key for "
+        "its queue's longest timeout plus 10 s, so this bounds how long a job of a killed "
+        "worker waits before it runs again (the sweeper usually reclaims it sooner).",
+    )
+    shutdown_grace_s: int = Field(
+        default=20,
+        ge=0,
+        description="On SIGTERM, how long running jobs may finish before the rest are handed "
+        "back to the queue. Keep it below the orchestrator's grace period (30 s in Kubernetes).",
+    )
     # The portfolio pass runs at these minutes past every hour: [0] hourly, [0, 30] twice.
     portfolio_pass_minutes: set[Minute] = Field(default={0}, min_length=1)
     portfolio_pass_timeout_s: int = Field(default=3600, ge=60)
@@ -85,6 +125,20 @@ class Settings(BaseSettings):
     )
     webhook_secret_overlap_s: int = Field(
         default=24 * 3600, ge=0, description="How long a rotated-out secret keeps signing."
+    )
+    webhook_lease_margin_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="A claimed delivery is leased for the attempt's timeout plus this: a "
+        "worker killed mid-send leaves it to be retried once the lease has run out.",
+    )
+    webhook_max_jobs: int = Field(
+        default=20, ge=1, description="Webhook deliveries one scorer runs at once."
+    )
+    webhook_endpoint_concurrency: int = Field(
+        default=4,
+        ge=1,
+        description="Deliveries one scorer sends at once to one endpoint; the others wait.",
     )
     webhook_sweep_interval_s: int = Field(
         default=5, ge=1, le=60, description="How often due deliveries are re-driven from Postgres."

@@ -32,10 +32,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from services.api.app import create_app
 from services.api.keys.service import create_api_key, parse_scopes
 from services.cli.main import migrate
-from services.scorer.enqueue import create_redis
 from services.scorer.worker import create_worker
 from shared.db import create_engine, create_sessionmaker
 from shared.models import Base
+from shared.queue import create_redis
 from shared.settings import Environment, Settings
 
 ROOT = Path(__file__).resolve().parents[1]

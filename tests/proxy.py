@@ -19,6 +19,8 @@ class CuttableProxy:
         self._pipes: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
         self.cut_off = False
+        self.flowing = asyncio.Event()  # clear: bytes stop, connections stay open (hung)
+        self.flowing.set()
         self.listen_port = 0
 
     async def start(self) -> None:
@@ -36,6 +38,7 @@ class CuttableProxy:
         if self.cut_off:
             writer.close()
             return
+        await self.flowing.wait()
         try:
             up_reader, up_writer = await self._connect()
         except OSError:
@@ -50,6 +53,7 @@ class CuttableProxy:
     async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
         try:
             while data := await src.read(65536):
+                await self.flowing.wait()
                 dst.write(data)
                 await dst.drain()
         except (OSError, asyncio.CancelledError):
@@ -64,8 +68,13 @@ class CuttableProxy:
             writer.close()
         self._writers.clear()
 
+    def hang(self) -> None:
+        """Accept and hold connections but pass nothing, as a stopped (SIGSTOP) server does."""
+        self.flowing.clear()
+
     def restore(self) -> None:
         self.cut_off = False
+        self.flowing.set()
 
     async def stop(self) -> None:
         self.cut()

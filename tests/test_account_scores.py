@@ -11,9 +11,9 @@ from arq.connections import ArqRedis
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.scorer.enqueue import rescore_job_id
 from shared.enums import RiskBand, Tier
 from shared.models import Account, DirtyAccount
+from shared.queue import rescore_job_id
 from shared.settings import Settings
 from tests import factories
 from tests.conftest import MakeKey

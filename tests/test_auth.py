@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 import pytest
 
+from services.api.app import create_app
+from shared.settings import Settings
 from tests import factories
 from tests.conftest import MakeKey
 
@@ -124,3 +128,27 @@ async def test_contact_pii_only_with_pii_scope(
         "Erika Muster",
         "erika@example.com",
     )
+
+
+async def test_a_key_revoked_elsewhere_is_refused_by_every_process_within_a_second(
+    client: httpx.AsyncClient, admin_headers: dict[str, str], settings: Settings
+) -> None:
+    created = await client.post(
+        "/v1/api-keys", json={"name": "erp", "scopes": ["events:write"]}, headers=admin_headers
+    )
+    key, prefix = created.json()["key"], created.json()["prefix"]
+    other = create_app(settings)  # another API process, with its own cache of verified keys
+    async with (
+        other.router.lifespan_context(other),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=other), base_url="http://other"
+        ) as elsewhere,
+    ):
+        ok = await elsewhere.post("/v1/orders", json=factories.order(), headers=_bearer(key))
+        assert ok.status_code == 202  # the key is now in the other process's cache
+
+        revoked = await client.delete(f"/v1/api-keys/{prefix}", headers=admin_headers)
+        assert revoked.status_code == 200
+        await asyncio.sleep(1.0)
+        refused = await elsewhere.post("/v1/orders", json=factories.order(), headers=_bearer(key))
+        assert refused.status_code == 401

@@ -3,17 +3,21 @@ a restart. The app reaches both through proxies the tests cut and restore."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
+from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import make_url, select
+from sqlalchemy import func, make_url, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.api.app import create_app
+from services.scorer.worker import Scorer, create_worker
 from shared.models import Account, DirtyAccount, Order
 from shared.settings import Settings
 from tests import factories
@@ -174,3 +178,101 @@ async def test_driver_errors_are_503_not_500(
     assert response.status_code == 503
     assert response.headers["retry-after"] == retry_after
     assert response.headers["content-type"] == "application/problem+json"
+
+
+@pytest.mark.parametrize("fault", ["cut", "hang"])
+async def test_redis_away_costs_a_write_at_most_the_enqueue_budget(
+    proxied: httpx.AsyncClient,
+    redis_proxy: CuttableProxy,
+    admin_headers: dict[str, str],
+    settings: Settings,
+    session: AsyncSession,
+    fault: str,
+) -> None:
+    getattr(redis_proxy, fault)()
+    latencies = []
+    for n in range(8):
+        started = time.monotonic()
+        response = await proxied.post(
+            "/v1/orders", json=factories.order(f"A-{n}"), headers=admin_headers
+        )
+        latencies.append(time.monotonic() - started)
+        assert response.status_code == 202
+    # A hung Redis used to cost every write at least one socket timeout, one after another.
+    assert max(latencies) < settings.redis_timeout_s
+    assert await session.scalar(select(func.count()).select_from(DirtyAccount)) == 8
+    redis_proxy.restore()
+
+
+def _scorer_via(
+    settings: Settings, *, pg: CuttableProxy | None = None, redis: CuttableProxy | None = None
+) -> Scorer:
+    update: dict[str, Any] = {"sweep_interval_s": 1}
+    if pg is not None:
+        update["database_url"] = _db_url_via(settings, pg)
+    if redis is not None:
+        update["redis_url"] = _redis_url_via(settings, redis)
+    return create_worker(settings.model_copy(update=update))
+
+
+async def _wait_clean(session: AsyncSession, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        await session.rollback()
+        if not await session.scalar(select(func.count()).select_from(DirtyAccount)):
+            return True
+        await asyncio.sleep(0.2)
+    return False
+
+
+@pytest.mark.parametrize("fault", ["cut", "hang"])
+async def test_the_scorer_rides_out_a_redis_outage(
+    client: httpx.AsyncClient,
+    redis_proxy: CuttableProxy,
+    admin_headers: dict[str, str],
+    settings: Settings,
+    session: AsyncSession,
+    fault: str,
+) -> None:
+    scorer = _scorer_via(settings, redis=redis_proxy)
+    running = asyncio.create_task(scorer.main())
+    try:
+        await client.post("/v1/orders", json=factories.order("A-1"), headers=admin_headers)
+        assert await _wait_clean(session, 10)
+
+        getattr(redis_proxy, fault)()
+        await client.post("/v1/orders", json=factories.order("A-2"), headers=admin_headers)
+        await asyncio.sleep(3)  # longer than the socket timeout: polls fail meanwhile
+        assert not running.done()  # it used to exit here
+        assert scorer.redis_outage.ongoing
+
+        redis_proxy.restore()
+        assert await _wait_clean(session, 15)
+        assert not scorer.redis_outage.ongoing
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        await scorer.close()
+
+
+async def test_the_scorer_rides_out_a_postgres_outage(
+    client: httpx.AsyncClient,
+    pg_proxy: CuttableProxy,
+    admin_headers: dict[str, str],
+    settings: Settings,
+    session: AsyncSession,
+) -> None:
+    scorer = _scorer_via(settings, pg=pg_proxy)
+    running = asyncio.create_task(scorer.main())
+    try:
+        pg_proxy.cut()
+        await client.post("/v1/orders", json=factories.order("A-1"), headers=admin_headers)
+        await asyncio.sleep(2)
+        assert not running.done()
+        assert scorer.ctx["postgres_outage"].ongoing
+        pg_proxy.restore()
+        assert await _wait_clean(session, 20)  # the job's retry, or the sweeper's push
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        await scorer.close()

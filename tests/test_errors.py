@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 
@@ -9,7 +10,9 @@ import httpx
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from services.api.app import create_app
 from shared.models import Order
+from shared.settings import Settings
 from tests import factories
 
 
@@ -231,3 +234,48 @@ async def test_timestamps_at_the_edge_of_the_plausible_years(
             headers=admin_headers,
         )
         assert response.status_code == expected, (ordered_at, response.text)
+
+
+async def test_an_exhausted_pool_says_so_and_asks_for_a_retry(
+    settings: Settings, admin_headers: dict[str, str]
+) -> None:
+    app = create_app(
+        settings.model_copy(
+            update={"db_pool_size": 1, "db_max_overflow": 0, "db_connect_timeout_s": 0.3}
+        )
+    )
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with (
+            app.state.engine.connect() as held,  # the pool's one connection, taken
+            httpx.AsyncClient(transport=transport, base_url="http://testserver") as client,
+        ):
+            await held.execute(select(1))
+            response = await client.get("/v1/accounts", headers=admin_headers)
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "1"
+    assert response.headers["content-type"] == "application/problem+json"
+    assert "too many concurrent requests" in response.json()["detail"].lower()
+    assert "unreachable" not in response.text
+
+
+async def test_a_stalled_body_is_cut_with_408(
+    settings: Settings, admin_headers: dict[str, str]
+) -> None:
+    app = create_app(settings.model_copy(update={"body_read_timeout_s": 0.3}))
+
+    async def stalling() -> AsyncIterator[bytes]:
+        yield b'{"events": ['
+        await asyncio.sleep(5)
+        yield b"]}"
+
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+            started = asyncio.get_running_loop().time()
+            response = await client.post("/v1/events", content=stalling(), headers=admin_headers)
+            took = asyncio.get_running_loop().time() - started
+    assert response.status_code == 408
+    assert response.headers["connection"] == "close"
+    assert response.headers["content-type"] == "application/problem+json"
+    assert took < 5

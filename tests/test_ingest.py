@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from typing import Any
 
 import asyncpg
 import httpx
+import pytest
+from arq import Retry
 from arq.connections import ArqRedis
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
+from services.api.ingest import service as ingest_service
 from services.api.ingest.service import ingest_events
-from services.scorer.enqueue import rescore_job_id
+from services.scorer import jobs
 from shared.db import create_sessionmaker
 from shared.enums import ItemStatus
 from shared.models import (
@@ -26,7 +30,8 @@ from shared.models import (
     Order,
     Payment,
 )
-from shared.schemas import OrderData, PaymentData
+from shared.queue import rescore_job_id
+from shared.schemas import OrderData
 from shared.settings import Settings
 from tests import factories
 from tests.conftest import asyncpg_dsn
@@ -453,36 +458,32 @@ async def test_account_created_by_another_transaction_meanwhile(
     assert await session.scalar(select(IngestEvent.status)) == "accepted"
 
 
-async def test_single_event_committed_alone_is_all_or_nothing(
-    engine: AsyncEngine, session: AsyncSession
+async def test_a_deadlocked_ingestion_is_applied_again_before_any_503(
+    engine: AsyncEngine, session: AsyncSession, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """On a session where nothing has run, ``commit_alone`` commits an applied event with its
-    own statement; an event that is not applied (here stale) writes nothing that way, and is
-    handled in the session's transaction, so rolling that back leaves no trace of it."""
-    newer = PaymentData.model_validate(
-        factories.payment("A-1", invoice_external_id="INV-1", version=2, paid_at=None)
-    )
-    older = PaymentData.model_validate(
-        factories.payment("A-1", invoice_external_id="INV-1", version=1)
-    )
-    async with create_sessionmaker(engine)() as alone:
-        statuses = await ingest_events(alone, [newer], api_key_id=None, commit_alone=True)
-        await alone.rollback()  # too late: the statement was its own transaction
-    assert statuses == [ItemStatus.accepted]
-    assert await session.scalar(select(Payment.source_version)) == 2
-    assert await session.scalar(select(IngestEvent.status)) == "accepted"
-    assert await _count(session, DirtyAccount) == 1
+    order = OrderData.model_validate(factories.order("A-1", external_id="SO-1"))
+    real = ingest_service._ingest_events
+    calls = 0
 
-    async with create_sessionmaker(engine)() as alone:
-        statuses = await ingest_events(alone, [older], api_key_id=None, commit_alone=True)
-        assert alone.in_transaction()
-        await alone.rollback()
-    assert statuses == [ItemStatus.stale]
-    assert await _count(session, IngestEvent) == 1  # the stale event's record was rolled back
-    assert await session.scalar(select(Payment.source_version)) == 2
+    async def deadlocking_once(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        statuses = await real(*args, **kwargs)
+        if calls == 1:  # written, then chosen as the deadlock victim: all of it rolls back
+            raise asyncpg.exceptions.DeadlockDetectedError("deadlock detected")
+        return statuses
+
+    monkeypatch.setattr(ingest_service, "_ingest_events", deadlocking_once)
+    async with create_sessionmaker(engine)() as caller:
+        statuses = await ingest_events(caller, [order], api_key_id=None)
+        await caller.commit()
+    assert calls == 2
+    assert statuses == [ItemStatus.accepted]  # not "duplicate": the first try left nothing
+    assert await _count(session, IngestEvent) == 1
+    assert await _count(session, Order) == 1
 
 
-async def test_single_event_without_commit_alone_stays_in_the_callers_transaction(
+async def test_a_single_event_stays_in_the_callers_transaction(
     engine: AsyncEngine, session: AsyncSession
 ) -> None:
     order = OrderData.model_validate(factories.order("A-1", external_id="SO-1"))
@@ -502,3 +503,51 @@ async def test_account_event_audit_record_is_the_body_with_its_type_and_id(
     assert response.json()["status"] == "accepted"
     audit = await session.scalar(select(IngestEvent.payload))
     assert audit == {"type": "account", "external_id": "A-1", **body}
+
+
+async def _deadlocks(session: AsyncSession) -> int:
+    await session.execute(text("SELECT pg_stat_force_next_flush()"))
+    await session.execute(text("SELECT pg_stat_clear_snapshot()"))
+    count = await session.scalar(
+        text("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()")
+    )
+    await session.rollback()
+    return int(count or 0)
+
+
+async def test_single_events_and_rescores_on_the_same_accounts_never_deadlock(
+    client: httpx.AsyncClient,
+    admin_headers: dict[str, str],
+    engine: AsyncEngine,
+    session: AsyncSession,
+    settings: Settings,
+) -> None:
+    accounts = [f"A-{n}" for n in range(4)]
+    for account in accounts:
+        await client.post("/v1/orders", json=factories.order(account), headers=admin_headers)
+    ids = list(await session.scalars(select(Account.id)))
+    await session.rollback()
+    before = await _deadlocks(session)
+    ctx = {"sessionmaker": create_sessionmaker(engine), "settings": settings}
+    deadline = asyncio.get_running_loop().time() + 3
+    statuses: list[int] = []
+
+    async def send(n: int) -> None:
+        while asyncio.get_running_loop().time() < deadline:
+            account = accounts[(n + len(statuses)) % len(accounts)]
+            response = await client.post(
+                "/v1/orders", json=factories.order(account), headers=admin_headers
+            )
+            statuses.append(response.status_code)
+
+    async def rescore() -> None:
+        while asyncio.get_running_loop().time() < deadline:
+            for account_id in ids:
+                with contextlib.suppress(Retry):  # an event arrived meanwhile: it runs again
+                    await jobs.rescore_account(ctx, account_id)
+
+    await asyncio.gather(*(send(n) for n in range(8)), *(rescore() for _ in range(4)))
+
+    assert statuses
+    assert set(statuses) == {202}
+    assert await _deadlocks(session) == before

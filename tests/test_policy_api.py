@@ -10,11 +10,11 @@ from arq.connections import ArqRedis
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.scorer.enqueue import PORTFOLIO_JOB_ID
 from shared.enums import RiskBand, Tier
 from shared.models import Base
 from shared.models import ScoringPolicy as ScoringPolicyRow
 from shared.policy import DEFAULT_POLICY
+from shared.queue import PORTFOLIO_JOB_ID, portfolio_queue
 from shared.settings import Settings
 from tests import factories
 from tests.conftest import MakeKey
@@ -63,8 +63,10 @@ async def test_put_publishes_version_2_and_asks_for_a_portfolio_pass(
 
     rows = list(await session.scalars(select(ScoringPolicyRow).order_by(ScoringPolicyRow.version)))
     assert [(r.version, r.active) for r in rows] == [(1, False), (2, True)]
-    queued = await redis.zrange(settings.queue_name, 0, -1)
+    # on the portfolio queue: a long pass never holds up the rescores on the main one
+    queued = await redis.zrange(portfolio_queue(settings.queue_name), 0, -1)
     assert queued == [PORTFOLIO_JOB_ID.encode()]
+    assert await redis.zcard(settings.queue_name) == 0
 
     current = await client.get("/v1/scoring-policy", headers=writer)
     assert current.json()["version"] == 2
@@ -87,7 +89,7 @@ async def test_putting_the_active_policy_again_publishes_nothing(
     assert first.json()["version"] == again.json()["version"] == 2
     assert again.json()["comment"] == "longer horizon"
     assert await session.scalar(select(func.max(ScoringPolicyRow.version))) == 2
-    assert await redis.zcard(settings.queue_name) == 0
+    assert await redis.zcard(portfolio_queue(settings.queue_name)) == 0
 
 
 async def _put_problem(client: httpx.AsyncClient, headers: dict[str, str], body: Any) -> Any:

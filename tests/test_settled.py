@@ -23,6 +23,7 @@ from services.scorer.policies import create_policy_version
 from services.scorer.population import latest_population
 from shared.db import create_sessionmaker
 from shared.models import Account, ScoreSnapshot, TierChange
+from shared.queue import portfolio_queue
 from shared.settings import Settings
 from tests.conftest import RunWorker
 from tests.portfolio import AccountSpec, ordinary_accounts, send
@@ -76,7 +77,7 @@ async def test_after_a_demo_load_and_a_quiet_minute_further_passes_change_nothin
     assert await jobs.settle_population(ctx) is False  # it has just seen the data move
     ctx["settle"]["moved_at"] = time.monotonic() - 61  # one quiet minute later
     assert await jobs.settle_population(ctx) is True
-    assert len(await redis.queued_jobs(queue_name=settings.queue_name)) == 1
+    assert len(await redis.queued_jobs(queue_name=portfolio_queue(settings.queue_name))) == 1
     await run_worker()  # runs the pass
     async with sessionmaker() as s:
         latest = await latest_population(s)

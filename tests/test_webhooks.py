@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import json
 import time
+import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -16,27 +18,29 @@ import httpx
 import pytest
 from arq.connections import ArqRedis
 from sqlalchemy import func, insert, select, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from standardwebhooks import Webhook
 
 from services.api.app import create_app
+from services.scorer import jobs
 from services.scorer.jobs import job_session
 from services.scorer.passes import rescore_accounts, run_portfolio_pass
 from services.scorer.webhook_delivery import (
-    claim_delivery,
-    record_outcome,
+    EXCERPT_BYTES,
+    RAW_EXCERPT_BYTES,
+    claim_due,
+    excerpt_text,
+    record_outcomes,
     retry_delay,
     send_delivery,
 )
-from services.scorer.webhook_events import (
-    announced_band_change,
-    announced_tier_change,
-    remember_deliveries,
-)
+from services.scorer.webhook_events import announced_band_change, announced_tier_change
 from services.scorer.webhook_targets import UnsafeTarget, resolve_target
 from services.scorer.worker import create_worker
 from shared.db import create_sessionmaker
 from shared.models import Account, WebhookAttempt, WebhookDelivery, WebhookEndpoint, WebhookEvent
+from shared.queue import deliver_after_commit, webhook_queue
 from shared.settings import Settings
 from tests.conftest import MakeKey, RunWorker
 from tests.factories import account_row
@@ -110,13 +114,16 @@ async def test_a_delivery_is_signed_and_verifies(
     run_worker: RunWorker,
     session: AsyncSession,
     redis: ArqRedis,
+    settings: Settings,
 ) -> None:
     endpoint = await _register(client, admin_headers, receiver.url)
     secret = endpoint["secret"]
     assert secret.startswith("whsec_")
     assert len(base64.b64decode(secret.removeprefix("whsec_"))) == 32
     delivery_id = await _send_test(client, admin_headers, endpoint["id"])
-    assert await redis.exists(f"arq:job:webhook:{delivery_id}")  # pushed after the commit
+    # pushed after the commit: the endpoint's job, on the webhook queue
+    assert await redis.exists(f"arq:job:webhooks:{endpoint['id']}")
+    assert await redis.zcard(webhook_queue(settings.queue_name)) == 1
     assert receiver.requests == []  # the API never sends
 
     await run_worker()
@@ -174,6 +181,85 @@ async def test_retries_keep_the_webhook_id_and_sign_afresh(
     assert all(a["latency_ms"] is not None for a in item["attempt_log"])
     shown = await client.get(f"/v1/webhooks/{endpoint['id']}", headers=admin_headers)
     assert shown.json()["failing_since"] is None  # the success cleared it
+
+
+@pytest.mark.parametrize(
+    ("reply", "expected"),
+    [
+        # A receiver behind a compressing proxy: gzip whatever we asked for.
+        (
+            Reply(200, {"content-encoding": "gzip"}, gzip.compress(b'{"ok":true}' * 500)),
+            '{"ok":true}' * 93,
+        ),
+        (Reply(200, {}, b"ok\x00\x00done"), "ok\ufffd\ufffddone"),
+        (Reply(500, {}, b"\xff\xfe broken \xc3"), "\ufffd\ufffd broken \ufffd"),
+        (Reply(200, {"content-encoding": "br"}, b"\x1b\x00\x00"), "[3+ bytes, br-encoded]"),
+    ],
+    ids=["gzip", "nul", "invalid-utf8", "brotli"],
+)
+async def test_every_answer_is_recorded_once_whatever_its_bytes(
+    client: httpx.AsyncClient,
+    admin_headers: dict[str, str],
+    receiver: Receiver,
+    run_worker: RunWorker,
+    session: AsyncSession,
+    reply: Reply,
+    expected: str,
+) -> None:
+    receiver.default = reply
+    endpoint = await _register(client, admin_headers, receiver.url)
+    delivery_id = await _send_test(client, admin_headers, endpoint["id"])
+
+    await run_worker()
+
+    [request] = receiver.requests
+    assert request.headers["accept-encoding"] == "identity"
+    delivery = await _delivery(session, delivery_id)
+    assert delivery.attempts == 1
+    assert delivery.status == ("succeeded" if reply.status == 200 else "pending")
+    [attempt] = list(await session.scalars(select(WebhookAttempt)))
+    assert attempt.status_code == reply.status
+    assert attempt.response_excerpt is not None
+    assert attempt.response_excerpt.startswith(expected)
+    assert len(attempt.response_excerpt) <= EXCERPT_BYTES
+
+
+async def test_an_attempt_postgres_refuses_is_recorded_without_its_excerpt(
+    client: httpx.AsyncClient,
+    admin_headers: dict[str, str],
+    receiver: Receiver,
+    run_worker: RunWorker,
+    session: AsyncSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    receiver.default = Reply(500, {}, b"some answer")
+    endpoint = await _register(client, admin_headers, receiver.url)
+    delivery_id = await _send_test(client, admin_headers, endpoint["id"])
+    real = record_outcomes
+    refused: list[str | None] = []
+
+    async def refusing(session: AsyncSession, *, results: Any, **kwargs: Any) -> Any:
+        excerpts = [outcome.excerpt for _, outcome in results if outcome.excerpt is not None]
+        if excerpts:  # as Postgres refused a NUL byte
+            refused.extend(excerpts)
+            raise DBAPIError("INSERT", {}, ValueError("invalid byte sequence"))
+        return await real(session, results=results, **kwargs)
+
+    monkeypatch.setattr(jobs, "record_outcomes", refusing)
+    await run_worker()
+
+    assert refused == ["some answer"]
+    assert len(receiver.requests) == 1
+    delivery = await _delivery(session, delivery_id)
+    assert (delivery.status, delivery.attempts) == ("pending", 1)  # recorded: a retry is due
+    [attempt] = list(await session.scalars(select(WebhookAttempt)))
+    assert (attempt.status_code, attempt.response_excerpt) == (500, None)
+
+
+def test_a_compressed_answer_is_inflated_no_further_than_the_excerpt() -> None:
+    bomb = gzip.compress(b"A" * 50_000_000)  # 50 MB inflated, 49 KB sent
+    assert excerpt_text(bomb[:RAW_EXCERPT_BYTES], "gzip") == "A" * EXCERPT_BYTES
+    assert excerpt_text(b"not gzip", "gzip") == "[8+ bytes, gzip that does not decode]"
 
 
 async def test_a_hanging_receiver_is_cut_at_the_timeout(
@@ -444,6 +530,75 @@ async def test_one_accounts_events_go_out_in_order(
     assert set(statuses) == {"succeeded"}
 
 
+async def test_an_endpoint_gets_its_share_of_senders_and_each_accounts_order(
+    client: httpx.AsyncClient,
+    admin_headers: dict[str, str],
+    receiver: Receiver,
+    run_worker: RunWorker,
+    session: AsyncSession,
+    settings: Settings,
+) -> None:
+    endpoint = await _register(client, admin_headers, receiver.url)
+    for n in range(10):
+        account = await account_row(session, f"A-{n}")
+        for seq in (1, 2):
+            session.add(
+                WebhookEvent(
+                    id=f"msg_{n}_{seq}",
+                    type="account.tier_changed",
+                    account_id=account.id,
+                    account_seq=seq,
+                    payload={"type": "account.tier_changed", "data": {"sequence": seq}},
+                )
+            )
+            await session.flush()
+            session.add(
+                WebhookDelivery(
+                    event_id=f"msg_{n}_{seq}",
+                    endpoint_id=endpoint["id"],
+                    next_attempt_at=func.now(),
+                )
+            )
+            await session.flush()
+    await session.commit()
+    receiver.default = Reply(hang_s=0.2)  # a slow receiver
+
+    await run_worker()
+
+    assert set(await session.scalars(select(WebhookDelivery.status))) == {"succeeded"}
+    assert receiver.most_in_flight == settings.webhook_endpoint_concurrency
+    ids = [r.headers["webhook-id"] for r in receiver.requests]
+    assert len(ids) == 20
+    for n in range(10):
+        assert ids.index(f"msg_{n}_1") < ids.index(f"msg_{n}_2")
+
+
+async def test_a_batch_never_outlives_its_leases(
+    client: httpx.AsyncClient,
+    admin_headers: dict[str, str],
+    receiver: Receiver,
+    session: AsyncSession,
+    settings: Settings,
+) -> None:
+    """Attempts not started within half the lease margin are released, not sent late: each
+    delivery is attempted once, recorded once."""
+    endpoint = await _register(client, admin_headers, receiver.url)
+    for _ in range(10):
+        await _send_test(client, admin_headers, endpoint["id"])
+    receiver.default = Reply(hang_s=0.3)
+    scorer = create_worker(settings.model_copy(update={"webhook_lease_margin_s": 0.4}), burst=True)
+    try:
+        await scorer.main()
+    finally:
+        await scorer.close()
+
+    assert len(receiver.requests) == 10
+    assert receiver.most_in_flight <= settings.webhook_endpoint_concurrency
+    rows = (await session.execute(select(WebhookDelivery.status, WebhookDelivery.attempts))).all()
+    assert {tuple(r) for r in rows} == {("succeeded", 1)}
+    assert await session.scalar(select(func.count()).select_from(WebhookAttempt)) == 10
+
+
 async def test_redeliver_resends_with_the_same_webhook_id(
     client: httpx.AsyncClient,
     admin_headers: dict[str, str],
@@ -606,18 +761,22 @@ async def test_an_endpoint_deleted_during_an_attempt(
     endpoint = await _register(client, admin_headers, "http://127.0.0.1:9/hook")
     delivery_id = await _send_test(client, admin_headers, endpoint["id"])
     sessionmaker = create_sessionmaker(engine)
+    endpoint_id = uuid.UUID(endpoint["id"])
     async with sessionmaker() as s, s.begin():
-        claim = await claim_delivery(s, delivery_id=delivery_id, settings=settings)
-    assert claim is not None
+        [claim] = await claim_due(s, endpoint_id=endpoint_id, settings=settings)
+    assert claim.delivery_id == delivery_id
     async with sessionmaker() as s, s.begin():  # a second job finds it leased
-        assert await claim_delivery(s, delivery_id=delivery_id, settings=settings) is None
+        assert await claim_due(s, endpoint_id=endpoint_id, settings=settings) == []
     outcome = await send_delivery(claim, settings=settings)  # nothing listens on port 9
     assert outcome.status_code is None
     assert outcome.error
     deleted = await client.delete(f"/v1/webhooks/{endpoint['id']}", headers=admin_headers)
     assert deleted.status_code == 204
     async with sessionmaker() as s, s.begin():
-        assert await record_outcome(s, claim=claim, outcome=outcome, settings=settings) == []
+        enabled = await record_outcomes(
+            s, endpoint_id=endpoint_id, results=[(claim, outcome)], settings=settings
+        )
+    assert enabled is False
 
 
 async def test_the_worker_pushes_deliveries_after_its_commit(
@@ -648,9 +807,9 @@ async def test_the_worker_pushes_deliveries_after_its_commit(
         )
         job.add(delivery)
         await job.flush()
-        remember_deliveries(job, [delivery.id])
-        assert not await redis.exists(f"arq:job:webhook:{delivery.id}")  # not before the commit
-    assert await redis.exists(f"arq:job:webhook:{delivery.id}")
+        deliver_after_commit(job, [endpoint_id])
+        assert not await redis.exists(f"arq:job:webhooks:{endpoint_id}")  # not before the commit
+    assert await redis.exists(f"arq:job:webhooks:{endpoint_id}")
 
 
 async def test_no_subscriber_no_event(

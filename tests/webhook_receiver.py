@@ -35,6 +35,8 @@ class Receiver:
     requests: list[Received] = field(default_factory=list)
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
     port: int = 0
+    in_flight: int = 0
+    most_in_flight: int = 0  # the most requests it was answering at once
     _server: asyncio.Server | None = None
     _handlers: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -78,8 +80,13 @@ class Receiver:
             self.requests.append(Received(path=path, headers=headers, body=body))
             self.arrived.set()
             reply = self._next_reply(headers.get("webhook-id", ""))
-            if reply.hang_s:
-                await asyncio.sleep(reply.hang_s)
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+            try:
+                if reply.hang_s:
+                    await asyncio.sleep(reply.hang_s)
+            finally:
+                self.in_flight -= 1
             head = [f"HTTP/1.1 {reply.status} Scripted"]
             head += [f"{k}: {v}" for k, v in reply.headers.items()]
             head += [f"content-length: {len(reply.body)}", "connection: close", "", ""]

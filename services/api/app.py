@@ -24,8 +24,8 @@ from services.api.portfolio.router import router as portfolio_router
 from services.api.query import reject_unknown_query_params
 from services.api.webhooks.router import router as webhooks_router
 from services.logging import configure_logging
-from services.scorer.enqueue import create_redis
 from shared.db import create_engine, create_sessionmaker
+from shared.queue import create_redis
 from shared.schemas import Event
 from shared.settings import Settings, get_settings
 
@@ -78,9 +78,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         dependencies=[Depends(reject_unknown_query_params)],
     )
     app.state.settings = settings
-    app.state.key_verifier = KeyVerifier()
+    app.state.key_verifier = KeyVerifier(ttl_s=settings.key_cache_ttl_s)
     install_error_handlers(app, retry_after_s=settings.retry_after_s)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodySizeLimit,
+        max_bytes=settings.max_body_bytes,
+        read_timeout_s=settings.body_read_timeout_s,
+    )
     for router in (
         health_router,
         ingest_router,

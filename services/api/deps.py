@@ -11,13 +11,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.api.errors import Forbidden, Unauthorized
 from services.api.keys.service import Principal
-from services.scorer.enqueue import (
+from shared.enums import Scope
+from shared.queue import (
     DELIVER_AFTER_COMMIT,
     enqueue_deliveries,
     enqueue_portfolio_pass,
     enqueue_rescores,
 )
-from shared.enums import Scope
 from shared.settings import Settings
 
 RESCORE_AFTER_COMMIT = "rescore_account_ids"
@@ -44,7 +44,7 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
             )
         if session.info.pop(PORTFOLIO_AFTER_COMMIT, False):
             await enqueue_portfolio_pass(request.app.state.redis)
-        deliveries: set[int] = session.info.pop(DELIVER_AFTER_COMMIT, set())
+        deliveries: set[str] = session.info.pop(DELIVER_AFTER_COMMIT, set())
         if deliveries:
             await enqueue_deliveries(request.app.state.redis, deliveries)
 

@@ -236,6 +236,19 @@ def install_error_handlers(app: FastAPI, *, retry_after_s: int) -> None:
             instance=request.url.path,
         )
 
+    async def on_pool_exhausted(request: Request, exc: Exception) -> JSONResponse:
+        # Postgres is up: this process has every pooled connection in use and waited its
+        # pool timeout for one. The client should slow down, not page the database's owner.
+        log.warning("pool_exhausted", path=request.url.path)
+        return problem_response(
+            503,
+            "Too many concurrent requests",
+            detail="Too many concurrent requests for this server's database connections; "
+            "retry shortly.",
+            headers={"Retry-After": "1"},
+            instance=request.url.path,
+        )
+
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled_error", path=request.url.path, error=type(exc).__name__)
         return problem_response(500, "Internal error", instance=request.url.path)
@@ -243,8 +256,9 @@ def install_error_handlers(app: FastAPI, *, retry_after_s: int) -> None:
     app.add_exception_handler(ProblemError, on_problem)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
-    for db_error in (OperationalError, InterfaceError, PoolTimeoutError, ConnectionError, OSError):
+    for db_error in (OperationalError, InterfaceError, ConnectionError, OSError):
         app.add_exception_handler(db_error, on_database_down)
+    app.add_exception_handler(PoolTimeoutError, on_pool_exhausted)
     app.add_exception_handler(DBAPIError, _dbapi_handler(on_database_down, on_unexpected))
     driver_errors = _dbapi_handler(on_database_down, on_unexpected, wrapped=False)
     for driver_error in (asyncpg.exceptions.PostgresError, asyncpg.exceptions.InterfaceError):

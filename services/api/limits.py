@@ -1,21 +1,34 @@
-"""Request body size limit, enforced on the stream: a body over the limit is refused with 413
-before it is read into memory, whether or not it announced its length."""
+"""Request body limits, enforced on the stream: a body over the size limit is refused with 413
+before it is read into memory, whether or not it announced its length; a body that stalls
+(a client that sends its headers and then trickles or stops) is answered 408 and its
+connection closed, so it does not hold a connection and a worker's attention indefinitely.
+uvicorn has no timeout for this, nor for headers: the reverse proxy must add both."""
 
 from __future__ import annotations
 
+import asyncio
+
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from services.api.errors import PayloadTooLarge, problem_response
+from services.api.errors import PayloadTooLarge, ProblemError, problem_response
 
 
 class _TooLarge(PayloadTooLarge):
     """Raised from ``receive``; the app's problem handler answers it as a 413."""
 
 
+class _BodyTimeout(ProblemError):
+    """Raised from ``receive``; the app's problem handler answers it as a 408."""
+
+    status_code = 408
+    title = "Request body timeout"
+
+
 class BodySizeLimit:
-    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, *, max_bytes: int, read_timeout_s: float = 15.0) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.read_timeout_s = read_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -27,15 +40,26 @@ class BodySizeLimit:
             return
 
         seen = 0
+        body_done = False
         response_started = False
 
         async def limited_receive() -> Message:
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, body_done
+            if body_done:  # past the body, receive() waits for a disconnect: no timeout
+                return await receive()
+            try:
+                async with asyncio.timeout(self.read_timeout_s):
+                    message = await receive()
+            except TimeoutError:
+                raise _BodyTimeout(
+                    f"The request body stalled for {self.read_timeout_s:g} s.",
+                    headers={"Connection": "close"},
+                ) from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
                     raise _TooLarge(f"The body exceeds {self.max_bytes} bytes.")
+                body_done = not message.get("more_body", False)
             return message
 
         async def tracking_send(message: Message) -> None:

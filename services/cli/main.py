@@ -141,17 +141,26 @@ def run_api(host: str, port: int, workers: int) -> None:
         proxy_headers=True,
         access_log=False,
         timeout_graceful_shutdown=20,
+        # An idle keep-alive connection is closed after this; a stalled body is cut by the
+        # app (services/api/limits.py); header timeouts are the reverse proxy's (deploy/).
+        timeout_keep_alive=get_settings().keep_alive_timeout_s,
     )
 
 
-def run_scorer() -> None:
+def run_scorer(roles: Sequence[str]) -> None:
     from services.logging import configure_logging
-    from services.scorer.worker import create_worker
+    from services.scorer.worker import Role, run_scorer_process
 
     settings = get_settings()
     _require_urls(settings)
     configure_logging(settings)
-    create_worker(settings).run()
+    try:
+        chosen = [Role(role) for role in roles]
+    except ValueError:
+        raise SystemExit(
+            f"unknown role in {','.join(roles)!r}; roles: {', '.join(r.value for r in Role)}"
+        ) from None
+    run_scorer_process(settings, roles=chosen or list(Role))
 
 
 def run_dev(host: str, port: int) -> int:
@@ -242,7 +251,18 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument("--port", type=int, default=8000)
     api.add_argument("--workers", type=int, default=1)
 
-    sub.add_parser("scorer", help="run the scorer worker")
+    scorer = sub.add_parser(
+        "scorer",
+        help="run the scorer worker",
+        description="Run the scorer. Roles: rescore (rescores and the sweepers), webhooks "
+        "(deliveries), portfolio (the portfolio pass); all three by default. Run a role in "
+        "processes of its own to scale it apart, e.g. --roles webhooks.",
+    )
+    scorer.add_argument(
+        "--roles",
+        default="rescore,webhooks,portfolio",
+        help="comma-separated roles this process runs (default: all three)",
+    )
 
     mig = sub.add_parser("migrate", help="upgrade (or downgrade) the database schema")
     mig.add_argument("--revision", default=None, help="target revision (default: head)")
@@ -298,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _require_urls(settings)
             run_api(args.host, args.port, args.workers)
         case "scorer":
-            run_scorer()
+            run_scorer([role.strip() for role in args.roles.split(",") if role.strip()])
         case "migrate":
             _require_urls(settings)
             migrate(

@@ -4,25 +4,23 @@ idempotent, keyed by the account id."""
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from datetime import timedelta
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
 from arq import Retry
 from sqlalchemy import delete, func, select
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from services.scorer.enqueue import (
-    DELIVER_AFTER_COMMIT,
-    enqueue_deliveries,
-    enqueue_portfolio_pass,
-    enqueue_rescores,
-)
+from services.scorer.outage import Outage
 from services.scorer.passes import (
     latest_change_number,
     rescore_accounts,
@@ -30,13 +28,29 @@ from services.scorer.passes import (
     settling_reason,
 )
 from services.scorer.policies import active_policy
+from services.scorer.reclaim import Refusals, reclaim_orphans
 from services.scorer.webhook_delivery import (
-    claim_delivery,
-    due_deliveries,
-    record_outcome,
-    send_delivery,
+    Claim,
+    EndpointSender,
+    Outcome,
+    claim_due,
+    due_endpoints,
+    record_outcomes,
 )
 from shared.models import Account, DirtyAccount
+from shared.queue import (
+    DELIVER_AFTER_COMMIT,
+    DELIVER_WEBHOOKS,
+    RESCORE_ACCOUNT,
+    JobKey,
+    delivery_job_id,
+    enqueue_deliveries,
+    enqueue_portfolio_pass,
+    push_jobs,
+    rescore_job_id,
+    rescore_queue,
+    webhook_queue,
+)
 from shared.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -44,21 +58,33 @@ log = structlog.get_logger(__name__)
 # A sweep re-drives accounts that stayed dirty this long: longer than a debounced rescore takes.
 SWEEP_GRACE = timedelta(seconds=10)
 SWEEP_BATCH = 5000
+# How long one endpoint's delivery job keeps claiming batches before it makes way (it runs
+# again at once when more is due): well inside the job's timeout, which is
+# ``DELIVERY_RUN_S + webhook_timeout_s + 30``.
+DELIVERY_RUN_S = 30.0
+_DB_ERRORS = (OperationalError, DBAPIError, OSError)
 
 
 @asynccontextmanager
 async def job_session(ctx: dict[str, Any]) -> AsyncIterator[AsyncSession]:
-    """The worker's one commit point; a database outage becomes an arq retry with backoff.
-    Webhook deliveries the transaction created are pushed after the commit."""
+    """The worker's one commit point; a database outage becomes an arq retry with backoff
+    (logged once per outage). The delivery jobs of the endpoints the transaction created
+    deliveries for are pushed after the commit."""
     sessionmaker: async_sessionmaker[AsyncSession] = ctx["sessionmaker"]
+    outage: Outage | None = ctx.get("postgres_outage")
     try:
         async with sessionmaker() as session, session.begin():
             yield session
-    except (OperationalError, DBAPIError, OSError) as exc:
+    except _DB_ERRORS as exc:
         tries: int = ctx.get("job_try", 1)
-        log.warning("job_database_error", error=type(exc).__name__, job_try=tries)
+        if outage is None:
+            log.warning("job_database_error", error=type(exc).__name__, job_try=tries)
+        else:
+            outage.failed(exc)  # one line per outage, not one per job
         raise Retry(defer=min(60, 2**tries)) from exc
-    deliveries: set[int] = session.info.pop(DELIVER_AFTER_COMMIT, set())
+    if outage is not None:
+        outage.succeeded()
+    deliveries: set[str] = session.info.pop(DELIVER_AFTER_COMMIT, set())
     if deliveries:
         await enqueue_deliveries(ctx["redis"], deliveries)
 
@@ -111,7 +137,7 @@ async def portfolio_pass(ctx: dict[str, Any]) -> int | None:
     """Refit the population facts and rescore every account (hourly, and on demand)."""
     try:
         return await run_portfolio_pass(ctx["sessionmaker"])
-    except (OperationalError, DBAPIError, OSError) as exc:
+    except _DB_ERRORS as exc:
         tries: int = ctx.get("job_try", 1)
         log.warning("job_database_error", error=type(exc).__name__, job_try=tries)
         raise Retry(defer=min(300, 5 * 2**tries)) from exc
@@ -163,33 +189,147 @@ async def sweep_dirty_accounts(ctx: dict[str, Any]) -> int:
             )
         )
     if ids:
-        failed = await enqueue_rescores(ctx["redis"], ids, defer_s=0)
-        log.info("swept_dirty_accounts", count=len(ids), failed=failed)
+        await _push_and_reclaim(
+            ctx, "swept_dirty_accounts", RESCORE_ACCOUNT, ids, rescore_job_id, rescore_queue
+        )
     return len(ids)
 
 
-async def deliver_webhook(ctx: dict[str, Any], delivery_id: int) -> bool:
-    """Attempt one webhook delivery, if it is due and first in line; returns whether an
-    attempt was made. The HTTP request runs between two short transactions, never inside one."""
+async def _push_and_reclaim(
+    ctx: dict[str, Any],
+    event: str,
+    function: str,
+    ids: list[JobKey],
+    job_id: Callable[[JobKey], str],
+    queue_of: Callable[[str], str],
+) -> None:
+    """Push a sweep's jobs; for each push arq refuses (the job id is taken), find out why and
+    hand back the jobs a dead worker left behind (services/scorer/reclaim.py). The log line
+    counts every outcome: a refusal is never reported as a success."""
     settings: Settings = ctx["settings"]
-    async with job_session(ctx) as session:
-        claim = await claim_delivery(session, delivery_id=delivery_id, settings=settings)
-    if claim is None:
-        return False
-    outcome = await send_delivery(claim, settings=settings)
-    async with job_session(ctx) as session:
-        follow_ups = await record_outcome(session, claim=claim, outcome=outcome, settings=settings)
-    if follow_ups:
-        await enqueue_deliveries(ctx["redis"], follow_ups)
-    return True
+    queue = queue_of(settings.queue_name)
+    result = await push_jobs(ctx["redis"], function, ids, job_id=job_id, queue=queue)
+    refusals = Refusals()
+    if result.refused:
+        refusals = await reclaim_orphans(
+            ctx["redis"],
+            [job_id(i) for i in result.refused],
+            queue=queue,
+            in_progress_ttl_s=ctx.get("in_progress_ttl_s", {}).get(queue, 0),
+        )
+    log.info(
+        event,
+        count=len(ids),
+        pushed=result.total - result.failed - len(result.refused),
+        failed=result.failed,
+        **refusals.as_log(),
+    )
+
+
+async def deliver_webhooks(ctx: dict[str, Any], endpoint_id: str) -> int:
+    """Deliver what is due for one endpoint, in batches, until nothing is due; returns the
+    attempts made. One job per endpoint (its job id), so one worker sends to an endpoint at a
+    time, at most ``KAM_WEBHOOK_ENDPOINT_CONCURRENCY`` requests at once over one keep-alive
+    client. The HTTP requests run between two short transactions per batch, never inside one."""
+    settings: Settings = ctx["settings"]
+    endpoint = uuid.UUID(endpoint_id)
+    sender: EndpointSender | None = None
+    attempts = 0
+    started = asyncio.get_running_loop().time()
+    try:
+        while True:
+            async with job_session(ctx) as session:
+                claims = await claim_due(session, endpoint_id=endpoint, settings=settings)
+            if not claims:
+                return attempts
+            if sender is None or sender.url != claims[0].url:
+                if sender is not None:
+                    await sender.aclose()
+                sender = EndpointSender(
+                    claims[0].url,
+                    settings=settings,
+                    concurrency=settings.webhook_endpoint_concurrency,
+                )
+            await sender.check()  # the address, checked again for every batch
+            start_by = time.monotonic() + settings.webhook_lease_margin_s / 2
+            outcomes = await sender.send_all(claims, start_by=start_by)
+            results = [(c, o) for c, o in zip(claims, outcomes, strict=True) if o is not None]
+            released = [c for c, o in zip(claims, outcomes, strict=True) if o is None]
+            attempts += len(results)
+            enabled = await _record(ctx, endpoint, results, released)
+            if not enabled:
+                return attempts
+            if asyncio.get_running_loop().time() - started > DELIVERY_RUN_S:
+                # Make way for other endpoints' jobs; run again at once for the rest.
+                raise Retry(defer=0.01)
+    finally:
+        if sender is not None:
+            await sender.aclose()
+
+
+async def _record(
+    ctx: dict[str, Any],
+    endpoint_id: uuid.UUID,
+    results: list[tuple[Claim, Outcome]],
+    released: list[Claim],
+) -> bool:
+    """Record a batch's attempts, whatever it takes short of a lease running out: an attempt
+    left unrecorded is sent again after the lease without a trace of the first. Rows Postgres
+    refuses are recorded again without the receivers' excerpts; a lost connection is retried
+    with backoff until shortly before the first lease ends."""
+    settings: Settings = ctx["settings"]
+    sessionmaker: async_sessionmaker[AsyncSession] = ctx["sessionmaker"]
+    outage: Outage | None = ctx.get("postgres_outage")
+    lease_until = min(claim.lease_until for claim in [*(c for c, _ in results), *released])
+    wait = 0.2
+    while True:
+        try:
+            async with sessionmaker() as session, session.begin():
+                enabled = await record_outcomes(
+                    session,
+                    endpoint_id=endpoint_id,
+                    results=results,
+                    settings=settings,
+                    released=released,
+                )
+        except _DB_ERRORS as exc:
+            transient = isinstance(exc, OperationalError | InterfaceError | OSError) or (
+                isinstance(exc, DBAPIError) and exc.connection_invalidated
+            )
+            if not transient and any(outcome.excerpt is not None for _, outcome in results):
+                log.warning(
+                    "webhook_excerpts_refused",
+                    endpoint_id=str(endpoint_id),
+                    error=type(exc).__name__,
+                )
+                results = [(claim, replace(outcome, excerpt=None)) for claim, outcome in results]
+                continue
+            if outage is not None:
+                outage.failed(exc)
+            left_s = (lease_until - datetime.now(UTC)).total_seconds() - 5
+            if left_s <= 0:
+                log.error(
+                    "webhook_outcomes_unrecorded",
+                    endpoint_id=str(endpoint_id),
+                    deliveries=[claim.delivery_id for claim, _ in results],
+                    error=type(exc).__name__,
+                )
+                raise
+            await asyncio.sleep(min(wait, left_s))
+            wait = min(wait * 2, 5.0)
+            continue
+        if outage is not None:
+            outage.succeeded()
+        return enabled
 
 
 async def sweep_webhook_deliveries(ctx: dict[str, Any]) -> int:
     """Push the deliveries whose time has come: retries fall due here, and a job lost to a
     Redis flush or a crash (or a lease left by a worker killed mid-send) is re-driven."""
     async with job_session(ctx) as session:
-        ids = await due_deliveries(session)
+        ids = [str(endpoint_id) for endpoint_id in await due_endpoints(session)]
     if ids:
-        failed = await enqueue_deliveries(ctx["redis"], ids)
-        log.info("swept_webhook_deliveries", count=len(ids), failed=failed)
+        await _push_and_reclaim(
+            ctx, "swept_webhook_deliveries", DELIVER_WEBHOOKS, ids, delivery_job_id, webhook_queue
+        )
     return len(ids)

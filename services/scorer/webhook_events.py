@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.scorer.enqueue import DELIVER_AFTER_COMMIT
 from shared.enums import Tier, WebhookEventType
+from shared.queue import deliver_after_commit
 
 if TYPE_CHECKING:
     from services.scorer.evaluation import AccountState, Evaluation
@@ -75,7 +75,7 @@ SELECT e.id, ep.id, now()
 FROM events e
 JOIN webhook_endpoints ep ON ep.enabled AND e.type = ANY(ep.event_types)
 ORDER BY e.account_id, e.type DESC  -- a tier change before the band change of the same rescore
-RETURNING id
+RETURNING id, endpoint_id
 """
 
 
@@ -131,13 +131,6 @@ async def record_account_events(
     inserted = await connection.exec_driver_sql(
         _RECORD_ACCOUNT_EVENTS, (*columns, occurred_at, policy_version)
     )
-    delivery_ids = [int(row[0]) for row in inserted.all()]
-    remember_deliveries(session, delivery_ids)
-    return len(delivery_ids)
-
-
-def remember_deliveries(session: AsyncSession, delivery_ids: list[int]) -> None:
-    """Ask the commit point to push these deliveries' jobs once the transaction commits."""
-    if delivery_ids:
-        pending: set[int] = session.info.setdefault(DELIVER_AFTER_COMMIT, set())
-        pending.update(delivery_ids)
+    rows: list[Any] = list(inserted.all())
+    deliver_after_commit(session, {row[1] for row in rows})
+    return len(rows)

@@ -11,14 +11,16 @@ concurrent batches lock them in the same order.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from functools import cached_property
 from typing import Any, cast
 
-import asyncpg
+import structlog
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.api.deps import RESCORE_AFTER_COMMIT
@@ -31,6 +33,8 @@ from shared.schemas import (
     OrderData,
     PaymentData,
 )
+
+log = structlog.get_logger(__name__)
 
 _AccountBound = OrderData | ContactData | InteractionData | PaymentData
 
@@ -109,25 +113,12 @@ async def _rows(session: AsyncSession, sql: str, *params: Any) -> list[Any]:
     return rows
 
 
-async def _idle_driver(session: AsyncSession) -> asyncpg.Connection | None:
-    """The asyncpg connection of the session when no statement has run in its transaction
-    (and none has begun on the connection), so that a statement sent on it is a transaction of
-    its own; None otherwise."""
-    if session.in_transaction():
-        return None
-    connection = await session.connection()
-    raw = await connection.get_raw_connection()
-    driver: asyncpg.Connection = raw.driver_connection
-    return None if driver.is_in_transaction() else driver
-
-
 async def ingest_events(
     session: AsyncSession,
     events: Sequence[AnyEvent],
     *,
     api_key_id: int | None,
     received: str | None = None,
-    commit_alone: bool = False,
 ) -> list[ItemStatus]:
     """Store and apply ``events``; returns one status per event, in order.
 
@@ -137,10 +128,45 @@ async def ingest_events(
     in this batch) is a duplicate and changes nothing. Of several events for one entity, only a
     higher version than the stored one is applied; the others are kept for audit as ``stale``.
 
-    ``commit_alone`` says the caller writes nothing else in the session's transaction: a single
-    event on a session where nothing has run yet may then be committed by its own statement,
-    before this returns (see ``_ingest_one``).
+    A deadlock or serialization failure rolls the session's transaction back and applies the
+    events again, up to ``CONFLICT_TRIES`` times, before the error reaches the caller (a 503):
+    call it before anything else the transaction must keep.
     """
+    for attempt in range(1, CONFLICT_TRIES + 1):
+        try:
+            return await _ingest_events(session, events, api_key_id=api_key_id, received=received)
+        except Exception as exc:
+            if attempt == CONFLICT_TRIES or not _is_conflict(exc):
+                raise
+            log.warning("ingest_conflict_retried", attempt=attempt, sqlstate=_sqlstate(exc))
+            await session.rollback()
+            session.info.pop(RESCORE_AFTER_COMMIT, None)
+            await asyncio.sleep(random.uniform(0.005, 0.02 * attempt))  # noqa: S311
+    raise AssertionError("unreachable")
+
+
+CONFLICT_TRIES = 3
+_CONFLICT_STATES = frozenset({"40P01", "40001"})  # deadlock_detected, serialization_failure
+
+
+def _sqlstate(exc: BaseException) -> str | None:
+    state = getattr(exc, "sqlstate", None) or getattr(getattr(exc, "orig", None), "sqlstate", None)
+    if state is None:  # SQLAlchemy's asyncpg adapter keeps the driver's error one level down
+        state = getattr(getattr(exc, "__cause__", None), "sqlstate", None)
+    return state if isinstance(state, str) else None
+
+
+def _is_conflict(exc: BaseException) -> bool:
+    return _sqlstate(exc) in _CONFLICT_STATES
+
+
+async def _ingest_events(
+    session: AsyncSession,
+    events: Sequence[AnyEvent],
+    *,
+    api_key_id: int | None,
+    received: str | None,
+) -> list[ItemStatus]:
     statuses: list[ItemStatus] = [ItemStatus.duplicate] * len(events)
     first_index: dict[str, int] = {}
     for index, event in enumerate(events):
@@ -151,7 +177,7 @@ async def ingest_events(
     if len(events) == 1 and (upsert := _one_statement(events[0])) is not None:
         event = events[0]
         assert not isinstance(event, AccountEvent | ManagerEvent)
-        return [await _ingest_one(session, upsert, event, received, api_key_id, commit_alone)]
+        return [await _ingest_one(session, upsert, event, received, api_key_id)]
 
     new_ids = await _insert_raw_events(session, events, received, first_index, api_key_id)
     fresh = sorted(
@@ -416,16 +442,6 @@ RETURNING {self.key}
 
     @cached_property
     def one_event_sql(self) -> str:
-        return self._one_event_sql(all_or_nothing=False)
-
-    @cached_property
-    def one_event_alone_sql(self) -> str:
-        """``one_event_sql`` for a statement that is its own transaction: it fails, and so
-        writes nothing, when the event is fresh but was not applied (stale, or its account
-        came from a concurrent transaction), the cases that need statements after it."""
-        return self._one_event_sql(all_or_nothing=True)
-
-    def _one_event_sql(self, *, all_or_nothing: bool) -> str:
         """All of one event that names an account and nothing else, in one statement: the raw
         record ($1-$5), the account (a stub if unseen), the version-guarded upsert of the
         entity (its columns but ``account_id`` from $6 on) and the dirty marks. The raw record
@@ -437,8 +453,12 @@ RETURNING {self.key}
         ``account`` (ON CONFLICT skips it, the SELECT cannot see it): ``account_id`` then
         comes back NULL, nothing but the raw record was written, and the caller finishes the
         event with statements of their own.
+
+        Lock order: the account row (and its parent's) with ``FOR KEY SHARE`` before the dirty
+        marks, as a rescore takes them (the account ``FOR UPDATE``, then its dirty mark). The
+        foreign-key checks would take the same account locks anyway, but only at the end of the
+        statement, after the dirty mark: the opposite order, which deadlocked with rescores.
         """
-        check = _FAIL_UNLESS_APPLIED if all_or_nothing else ""
         numbers = iter(range(6, len(self.columns) + 6))
         values = ", ".join(
             "account.id"
@@ -460,10 +480,18 @@ stub AS (
     ON CONFLICT (external_id) DO NOTHING
     RETURNING id, parent_id
 ),
+existing AS (
+    SELECT id, parent_id FROM accounts
+    WHERE external_id = $3::text AND EXISTS (SELECT FROM raw)
+    FOR KEY SHARE
+),
 account AS (
     SELECT id, parent_id FROM stub
     UNION ALL
-    SELECT id, parent_id FROM accounts WHERE external_id = $3::text AND EXISTS (SELECT FROM raw)
+    SELECT id, parent_id FROM existing
+),
+parent AS (
+    SELECT p.id FROM accounts p JOIN account ON p.id = account.parent_id FOR KEY SHARE OF p
 ),
 applied AS (
     INSERT INTO {self.table} ({names})
@@ -476,7 +504,7 @@ dirty AS (
     SELECT id FROM (
         SELECT account_id AS id FROM applied
         UNION
-        SELECT account.parent_id FROM account, applied WHERE account.parent_id IS NOT NULL
+        SELECT parent.id FROM parent, applied
     ) AS target
     ORDER BY id
     ON CONFLICT (account_id) DO UPDATE SET seq = nextval('account_changes_seq')
@@ -486,20 +514,8 @@ SELECT
     EXISTS (SELECT FROM raw) AS fresh,
     (SELECT id FROM account) AS account_id,
     EXISTS (SELECT FROM applied) AS applied,
-    ARRAY(SELECT account_id FROM dirty WHERE inserted) AS newly_dirty{check}
+    ARRAY(SELECT account_id FROM dirty WHERE inserted) AS newly_dirty
 """  # noqa: S608 - names are this module's constants; values travel as $n parameters
-
-
-# When the event is fresh and was not applied, the statement fails and its transaction writes
-# nothing: a text that is no number, cast to one at run time (it takes a count from the query,
-# so the planner cannot fold it into an error for every call). Its words are what the Postgres
-# server log shows ('invalid input syntax for type integer: "kam: ..."'), so an operator
-# reading the log knows it for an expected detour, not a fault.
-_NOT_APPLIED_ALONE = "kam: event not applied alone, applied again in a transaction"
-_FAIL_UNLESS_APPLIED = f""",
-    CASE WHEN EXISTS (SELECT FROM raw) AND NOT EXISTS (SELECT FROM applied)
-        THEN ('{_NOT_APPLIED_ALONE} (' || (SELECT count(*) FROM applied) || ')')::int
-    END AS not_applied"""  # noqa: S608 - the text is a module constant
 
 
 def _lines(event: OrderData) -> str:
@@ -720,17 +736,9 @@ async def _ingest_one(
     event: OrderData | ContactData | InteractionData | PaymentData,
     received: str | None,
     api_key_id: int | None,
-    commit_alone: bool,
 ) -> ItemStatus:
-    """``ingest_events`` for one event that ``_one_statement`` takes: one round trip, where
-    the general path needs four.
-
-    With ``commit_alone``, when nothing has run in the session's transaction yet, the statement
-    runs as its own transaction: that saves the round trips of BEGIN and COMMIT, and the
-    session's commit has nothing left to do. An event that needs more than that statement (a
-    stale one, or one whose account a concurrent transaction just created) makes it fail and
-    write nothing, and is then applied in a transaction like any other.
-    """
+    """``ingest_events`` for one event that ``_one_statement`` takes: one statement, where the
+    general path needs four."""
     account = event.account_external_id
     # The account's id is the statement's to find: a placeholder fills its place in the row.
     row = upsert.rows(event, {account: 0}, {}, {})
@@ -743,21 +751,6 @@ async def _ingest_one(
         api_key_id,
         *values,
     )
-    driver = await _idle_driver(session) if commit_alone else None
-    if driver is not None:
-        try:
-            [(fresh, _, _, newly_dirty, _)] = await driver.fetch(
-                upsert.one_event_alone_sql, *params
-            )
-        except asyncpg.exceptions.InvalidTextRepresentationError as exc:
-            if _NOT_APPLIED_ALONE not in str(exc):
-                raise
-            # not applied as it stands: nothing was written, the general path follows
-        else:
-            if newly_dirty:
-                rescore: set[int] = session.info.setdefault(RESCORE_AFTER_COMMIT, set())
-                rescore.update(newly_dirty)
-            return ItemStatus.accepted if fresh else ItemStatus.duplicate
     [(fresh, account_id, applied, newly_dirty)] = await _rows(
         session, upsert.one_event_sql, *params
     )

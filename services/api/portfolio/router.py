@@ -17,9 +17,9 @@ from services.api.portfolio.service import (
     portfolio_kpis,
     unassigned_key_accounts,
 )
-from services.scorer.enqueue import enqueue_portfolio_pass
 from shared.enums import Scope
 from shared.models import Manager
+from shared.queue import enqueue_portfolio_pass
 from shared.schemas import ExternalId
 from shared.settings import Settings
 

@@ -13,10 +13,10 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.api.errors import FieldError, NotFound, Unprocessable
-from services.scorer.webhook_events import remember_deliveries
 from services.scorer.webhook_targets import UnsafeTarget, resolve_target
 from shared.enums import DeliveryStatus, WebhookEventType
 from shared.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint, WebhookEvent
+from shared.queue import deliver_after_commit
 
 SECRET_BYTES = 32
 
@@ -80,7 +80,8 @@ async def set_enabled(session: AsyncSession, endpoint: WebhookEndpoint, *, enabl
             .values(next_attempt_at=func.now())
             .returning(WebhookDelivery.id)
         )
-        remember_deliveries(session, [int(i) for i in resumed.scalars()])
+        if resumed.first() is not None:
+            deliver_after_commit(session, [endpoint.id])
     else:
         endpoint.disabled_reason = "Disabled through the API."
         endpoint.disabled_at = func.now()
@@ -125,7 +126,7 @@ async def send_test_event(session: AsyncSession, endpoint: WebhookEndpoint) -> W
     session.add(delivery)
     await session.flush()
     await session.refresh(delivery)
-    remember_deliveries(session, [delivery.id])
+    deliver_after_commit(session, [delivery.endpoint_id])
     return delivery
 
 
@@ -136,7 +137,7 @@ async def redeliver(session: AsyncSession, delivery: WebhookDelivery) -> Webhook
     delivery.attempts = 0
     delivery.next_attempt_at = await session.scalar(select(func.now()))
     await session.flush()
-    remember_deliveries(session, [delivery.id])
+    deliver_after_commit(session, [delivery.endpoint_id])
     return delivery
 
 
