@@ -23,6 +23,7 @@ from sqlalchemy import (
     Identity,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     Numeric,
     Sequence,
@@ -269,6 +270,9 @@ class IngestEvent(Base):
     account_external_id: Mapped[str | None] = mapped_column(String(EXTERNAL_ID_LENGTH), index=True)
     status: Mapped[str] = mapped_column(String(16))
     payload: Mapped[dict[str, Any]]
+    # SHA-256 of the body's canonical (jsonb) text, set by a trigger on insert and kept when the
+    # body is erased or expires: a reused event_id is told from a repeat by it.
+    body_hash: Mapped[bytes | None] = mapped_column(LargeBinary)
     # The key that sent it. Not a foreign key: that took a share lock on the key's one row for
     # every event, and producers sharing a key queued on it. Keys are revoked, never deleted.
     api_key_id: Mapped[int | None] = mapped_column(BigInteger)

@@ -7,6 +7,7 @@ validation always fits its column.
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Annotated, Any, Literal, Self
@@ -20,6 +21,7 @@ from pydantic import (
     Field,
     StrictInt,
     StringConstraints,
+    WithJsonSchema,
     model_validator,
 )
 from pydantic.json_schema import SkipJsonSchema
@@ -67,11 +69,46 @@ Currency = Annotated[
     StringConstraints(pattern=r"^[A-Z]{3}$"),
     Field(description="ISO 4217 code.", examples=["EUR"]),
 ]
+_PLAIN_DECIMAL = re.compile(r"-?[0-9]+(\.[0-9]+)?")
+
+
+def _plain_decimal(value: Any) -> Any:
+    # Python's Decimal reads "1_000" as 1000 and " 1.00 " as 1.00; a decimal string must be
+    # digits with an optional point and fraction, nothing else.
+    if isinstance(value, str) and _PLAIN_DECIMAL.fullmatch(value) is None:
+        raise ValueError("a decimal is digits with an optional point and fraction, e.g. 1250.00")
+    return value
+
+
+def _decimal_schema(whole_digits: int, places: int) -> WithJsonSchema:
+    """The documented form of a non-negative decimal, in standard JSON Schema words (pydantic
+    writes its own ``ge``/``max_digits`` beside an ``anyOf``, which schema tools ignore)."""
+    largest = Decimal(10**whole_digits) - Decimal(1).scaleb(-places)
+    return WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "number", "minimum": 0, "maximum": float(largest)},
+                {
+                    "type": "string",
+                    "pattern": f"^[0-9]{{1,{whole_digits}}}(\\.[0-9]{{1,{places}}})?$",
+                },
+            ]
+        }
+    )
+
+
 Amount = Annotated[
     Decimal,
+    BeforeValidator(_plain_decimal),
     Field(ge=0, max_digits=14, decimal_places=2, allow_inf_nan=False, examples=["1250.00"]),
+    _decimal_schema(12, 2),
 ]
-Quantity = Annotated[Decimal, Field(ge=0, max_digits=14, decimal_places=3, allow_inf_nan=False)]
+Quantity = Annotated[
+    Decimal,
+    BeforeValidator(_plain_decimal),
+    Field(ge=0, max_digits=14, decimal_places=3, allow_inf_nan=False),
+    _decimal_schema(11, 3),
+]
 Email = Annotated[
     str,
     StringConstraints(max_length=320, pattern=r"^[^@\s\x00-\x1f]+@[^@\s\x00-\x1f]+$"),
@@ -111,14 +148,22 @@ Timestamp = Annotated[
 
 MAX_VERSION = 2**63 - 1
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# The stored version of an entity whose events carried none; any real version is newer.
+UNVERSIONED = -1
 
 
-_ONE_VERSION = [{"required": ["version"]}, {"required": ["updated_at"]}]
+def shown_version(stored: int | None) -> int | None:
+    """A stored version as the read API shows it: none for a stub or unversioned entity."""
+    return None if stored is None or stored == UNVERSIONED else stored
+
+
+# At most one of the two: not both.
+_AT_MOST_ONE_VERSION = {"not": {"required": ["version", "updated_at"]}}
 
 
 def _versioned_schema(example: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Schema extras of a versioned event: the one-of-version rule, and an example for /docs."""
-    extra: dict[str, Any] = {"oneOf": _ONE_VERSION}
+    """Schema extras of a versioned event: the at-most-one-version rule, and an example."""
+    extra: dict[str, Any] = dict(_AT_MOST_ONE_VERSION)
     if example is not None:
         extra["examples"] = [example]
     return extra
@@ -139,11 +184,14 @@ class StrictModel(BaseModel):
 
 
 class Versioned(StrictModel):
-    """An event that carries the producer's version of the entity it describes.
+    """An event that may carry the producer's version of the entity it describes.
 
-    Give exactly one of ``version`` (a number that grows with every change) or ``updated_at``
+    Give at most one of ``version`` (a number that grows with every change) or ``updated_at``
     (the time of the change at the source). An event whose version is not newer than the one
-    already applied is stored for audit but changes nothing (``stale``).
+    already applied is stored for audit but changes nothing (``stale``). An event with neither
+    is applied as it arrives (of two such events, the one received later wins) and leaves the
+    stored version as it was; so, when a producer mixes the two, a versioned event is still
+    compared with the newest version applied before, even if an unversioned one came between.
     """
 
     model_config = ConfigDict(json_schema_extra=_versioned_schema())
@@ -152,9 +200,9 @@ class Versioned(StrictModel):
     # Left out, a version is None; sent as null, it is an error. The default is not validated,
     # so the check runs on a sent value alone.
     version: Annotated[
-        StrictInt | SkipJsonSchema[None],
+        Annotated[StrictInt, Field(ge=0, le=MAX_VERSION)] | SkipJsonSchema[None],
         BeforeValidator(_not_null),
-        Field(ge=0, le=MAX_VERSION, description="Producer version of the entity.", examples=[7]),
+        Field(description="Producer version of the entity.", examples=[7]),
     ] = None
     updated_at: Annotated[
         Timestamp | SkipJsonSchema[None],
@@ -164,16 +212,18 @@ class Versioned(StrictModel):
 
     @model_validator(mode="after")
     def _one_version(self) -> Self:
-        if (self.version is None) == (self.updated_at is None):
-            raise ValueError("give exactly one of version or updated_at")
+        if self.version is not None and self.updated_at is not None:
+            raise ValueError("give at most one of version or updated_at")
         return self
 
     @property
     def source_version(self) -> int:
-        """The version as one comparable integer: ``updated_at`` counts in microseconds."""
+        """The version as one comparable integer: ``updated_at`` counts in microseconds, and
+        an event with neither is ``UNVERSIONED``."""
         if self.version is not None:
             return self.version
-        assert self.updated_at is not None
+        if self.updated_at is None:
+            return UNVERSIONED
         return max(0, (self.updated_at - _EPOCH) // timedelta(microseconds=1))
 
 

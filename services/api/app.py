@@ -12,7 +12,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import TypeAdapter
 
 from services.api.accounts.router import router as accounts_router
-from services.api.errors import install_error_handlers
+from services.api.errors import install_error_handlers, problems
 from services.api.health import router as health_router
 from services.api.ingest.router import router as ingest_router
 from services.api.ingest.schemas import batch_request_schema
@@ -108,5 +108,24 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     components.update(event.pop("$defs", {}))
     components["BatchEvent"] = {**event, "title": "BatchEvent"}
     components["BatchRequest"] = batch_request_schema(app.state.settings.max_batch_events)
+    _document_common_problems(schema)
     app.openapi_schema = schema
     return schema
+
+
+def _document_common_problems(schema: dict[str, Any]) -> None:
+    """The answers every operation of a kind can give, documented once here rather than on
+    each route: 415 where a body is taken (``JsonBodyRoute``), 401 and 429 where a key is
+    needed (authentication and rate limits)."""
+    common = problems(401, 415, 429)
+    for operations in schema["paths"].values():
+        for operation in operations.values():
+            responses = operation.setdefault("responses", {})
+            wanted = ["415"] if "requestBody" in operation else []
+            if operation.get("security"):
+                wanted += ["401", "429"]
+            for code in wanted:
+                if code not in responses:
+                    entry = dict(common[int(code)])
+                    entry.pop("model")
+                    responses[code] = entry

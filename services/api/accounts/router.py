@@ -32,6 +32,7 @@ from services.api.accounts.schemas import (
     TierOverrideState,
 )
 from services.api.accounts.service import set_tier_override
+from services.api.body import JsonBodyRoute
 from services.api.deps import SessionDep, require
 from services.api.errors import NotFound, problems
 from services.api.keys.service import Principal
@@ -47,10 +48,10 @@ from shared.models import (
     ScoreSnapshot,
     TierChange,
 )
-from shared.schemas import ExternalId, ShortText, Timestamp
+from shared.schemas import ExternalId, ShortText, Timestamp, shown_version
 
 Row = TypeVarTuple("Row")
-router = APIRouter(prefix="/v1/accounts", tags=["accounts"])
+router = APIRouter(prefix="/v1/accounts", tags=["accounts"], route_class=JsonBodyRoute)
 
 Reader = Annotated[Principal, Depends(require(Scope.accounts_read))]
 Overrider = Annotated[Principal, Depends(require(Scope.tiers_override))]
@@ -206,7 +207,7 @@ async def get_account(external_id: AccountId, session: SessionDep, _: Reader) ->
             "payment_terms_days": account.payment_terms_days,
             "strategic_fit": account.strategic_fit,
             "churn_reason": account.churn_reason,
-            "version": account.source_version,
+            "version": shown_version(account.source_version),
             "counts": Counts(
                 orders=counts[0], contacts=counts[1], interactions=counts[2], payments=counts[3]
             ),
@@ -257,7 +258,7 @@ async def list_orders(
                     "currency": o.currency,
                     "status": o.status,
                     "lines": o.lines,
-                    "version": o.source_version,
+                    "version": shown_version(o.source_version),
                 }
             )
             for o in page
@@ -299,7 +300,7 @@ async def list_interactions(
                     "occurred_at": i.occurred_at,
                     "satisfaction": i.satisfaction,
                     "summary": i.summary,
-                    "version": i.source_version,
+                    "version": shown_version(i.source_version),
                 }
             )
             for i, contact in page
@@ -335,7 +336,7 @@ async def list_contacts(
             "external_id": c.external_id,
             "role": c.role,
             "erased": c.erased_at is not None,
-            "version": c.source_version,
+            "version": shown_version(c.source_version),
         }
         if with_pii:
             item |= {

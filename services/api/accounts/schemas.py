@@ -130,7 +130,7 @@ class OrderOut(BaseModel):
     currency: str
     status: OrderStatus
     lines: list[OrderLineOut]
-    version: int
+    version: int | None = Field(description="The producer version; none if it sent none.")
 
 
 class OrderPage(BaseModel):
@@ -147,7 +147,7 @@ class InteractionOut(BaseModel):
     occurred_at: datetime
     satisfaction: int | None
     summary: str | None
-    version: int
+    version: int | None = Field(description="The producer version; none if it sent none.")
 
 
 class InteractionPage(BaseModel):

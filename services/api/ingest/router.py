@@ -9,6 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Path, Request, status
 from pydantic import TypeAdapter, ValidationError
 
+from services.api.body import JsonBodyRoute, json_syntax_problem
 from services.api.deps import SessionDep, require
 from services.api.errors import (
     FieldError,
@@ -17,6 +18,7 @@ from services.api.errors import (
     problems,
     summarize,
 )
+from services.api.ingest.reuse import refuse_reused, reuse_error, reused_positions
 from services.api.ingest.schemas import (
     BatchResult,
     EventAck,
@@ -41,11 +43,11 @@ from shared.schemas import (
 )
 from shared.settings import Settings
 
-router = APIRouter(prefix="/v1", tags=["ingestion"])
+router = APIRouter(prefix="/v1", tags=["ingestion"], route_class=JsonBodyRoute)
 
 Writer = Annotated[Principal, Depends(require(Scope.events_write))]
 PathId = Annotated[ExternalId, Path(description="The producer's id of the entity.")]
-_ERRORS = problems(400, 401, 403, 413, 422, 503)
+_ERRORS = problems(400, 401, 403, 409, 413, 415, 422, 429, 503)
 _event_adapter: TypeAdapter[Any] = TypeAdapter(Event)
 
 
@@ -54,6 +56,8 @@ async def _ingest_one(session: SessionDep, principal: Principal, event: AnyEvent
     [outcome] = await ingest_events(
         session, [event], api_key_id=principal.key_id, commit_alone=True
     )
+    if outcome is ItemStatus.duplicate:
+        await refuse_reused(session, event)
     return EventAck(event_id=event.event_id, status=outcome)
 
 
@@ -161,7 +165,7 @@ async def post_payment(body: PaymentData, session: SessionDep, principal: Writer
     "/events",
     status_code=status.HTTP_202_ACCEPTED,
     summary="Send a mixed batch of events",
-    responses=problems(400, 401, 403, 413, 422, 503),
+    responses=problems(400, 401, 403, 413, 415, 422, 429, 503),
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -188,8 +192,17 @@ async def post_events(request: Request, session: SessionDep, principal: Writer) 
         statuses = await ingest_events(
             session, events, api_key_id=principal.key_id, received=received
         )
+        reused = await reused_positions(
+            session,
+            [
+                (event.event_id, index)
+                for index, (event, outcome) in enumerate(zip(events, statuses, strict=True))
+                if outcome is ItemStatus.duplicate
+            ],
+            received,
+        )
         results = [
-            ItemResult(index=index, event_id=event.event_id, status=outcome)
+            _result(index, event.event_id, outcome, index in reused)
             for index, (event, outcome) in enumerate(zip(events, statuses, strict=True))
         ]
     else:
@@ -254,25 +267,43 @@ async def _ingest_item_by_item(
                     errors=errors,
                 )
             )
+    document = received_document(payloads)
     statuses = await ingest_events(
+        session, [event for _, event in valid], api_key_id=principal.key_id, received=document
+    )
+    reused = await reused_positions(
         session,
-        [event for _, event in valid],
-        api_key_id=principal.key_id,
-        received=received_document(payloads),
+        [
+            (event.event_id, position)
+            for position, ((_, event), outcome) in enumerate(zip(valid, statuses, strict=True))
+            if outcome is ItemStatus.duplicate
+        ],
+        document,
     )
     results.extend(
-        ItemResult(index=index, event_id=event.event_id, status=outcome)
-        for (index, event), outcome in zip(valid, statuses, strict=True)
+        _result(index, event.event_id, outcome, position in reused)
+        for position, ((index, event), outcome) in enumerate(zip(valid, statuses, strict=True))
     )
     results.sort(key=lambda r: r.index)
     return results
 
 
+def _result(index: int, event_id: str, outcome: ItemStatus, reused: bool) -> ItemResult:
+    if outcome is ItemStatus.duplicate and reused:
+        return ItemResult(
+            index=index,
+            event_id=event_id,
+            status=ItemStatus.rejected,
+            errors=[reuse_error(f"events.{index}.event_id")],
+        )
+    return ItemResult(index=index, event_id=event_id, status=outcome)
+
+
 def _parse_envelope(raw: bytes, max_events: int) -> list[Any]:
     try:
-        body = json.loads(raw)
+        body = json.loads(raw.decode("utf-8"))
     except (ValueError, RecursionError):
-        raise Unprocessable(
+        raise json_syntax_problem(raw) or Unprocessable(
             "The body is not valid JSON.",
             errors=[FieldError(field="body", message="invalid JSON", type="json_invalid")],
         ) from None
