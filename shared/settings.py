@@ -88,6 +88,14 @@ class Settings(BaseSettings):
         default=5, ge=1, le=60, description="How often due deliveries are re-driven from Postgres."
     )
 
+    # Privacy.
+    raw_payload_retention_days: int = Field(
+        default=90,
+        ge=1,
+        description="Days a raw event's body is kept; after that only its hash and metadata "
+        "stay (the scorer drops the bodies daily).",
+    )
+
     # Development only: where `kam dev` keeps the embedded Postgres and Redis.
     data_dir: str = ".kam"
 

@@ -21,6 +21,7 @@ from services.api.keys.service import KeyVerifier
 from services.api.limits import BodySizeLimit
 from services.api.policy.router import router as policy_router
 from services.api.portfolio.router import router as portfolio_router
+from services.api.privacy.router import router as privacy_router
 from services.api.query import reject_unknown_query_params
 from services.api.webhooks.router import router as webhooks_router
 from services.logging import configure_logging
@@ -35,7 +36,7 @@ computed from the order, contact, interaction and payment events that other syst
 
 * **Authentication**: every call but `/healthz` and `/readyz` needs an API key,
   `Authorization: Bearer kam_...`. Each endpoint names the scope it needs
-  (`events:write`, `accounts:read`, `pii:read`, `policy:write`, `tiers:override`,
+  (`events:write`, `accounts:read`, `pii:read`, `pii:erase`, `policy:write`, `tiers:override`,
   `webhooks:manage`, `admin`;
   `admin` grants every other scope). A missing or wrong key answers 401,
   a missing scope 403.
@@ -87,6 +88,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         accounts_router,
         policy_router,
         portfolio_router,
+        privacy_router,
         keys_router,
         webhooks_router,
     ):

@@ -15,6 +15,7 @@ from services.scorer.enqueue import (
     RESCORE_ACCOUNT,
     create_redis,
 )
+from services.scorer.retention import expire_raw_payloads
 from shared.db import create_engine, create_sessionmaker
 from shared.settings import Settings
 
@@ -97,6 +98,16 @@ def create_worker(settings: Settings, *, burst: bool = False) -> Worker:
                 unique=True,
                 keep_result=0,
                 timeout=settings.portfolio_pass_timeout_s,
+            ),
+            # Daily, at a quiet minute: raw event bodies past their retention period.
+            cron(
+                expire_raw_payloads,
+                hour={3},
+                minute={17},
+                second=0,
+                unique=True,
+                keep_result=0,
+                timeout=3600,
             ),
         ],
         redis_pool=create_redis(settings),

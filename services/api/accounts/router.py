@@ -273,10 +273,16 @@ async def list_orders(
     "/{external_id}/interactions", summary="List an account's interactions", responses=_ERRORS
 )
 async def list_interactions(
-    external_id: AccountId, session: SessionDep, _: Reader, limit: Limit = 50, cursor: Cursor = None
+    external_id: AccountId,
+    session: SessionDep,
+    principal: Reader,
+    limit: Limit = 50,
+    cursor: Cursor = None,
 ) -> InteractionPage:
-    """Calls, visits, complaints and surveys of the account, newest first. Needs
-    `accounts:read`."""
+    """Calls, visits, complaints and surveys of the account, newest first. The free-text
+    `summary` may hold personal data: it is included only for keys with scope `pii:read`.
+    Needs `accounts:read`."""
+    with_pii = principal.has(Scope.pii_read)
     account_id = await _account_id(session, external_id)
     query = _newest_first(
         select(Interaction, Contact.external_id)
@@ -299,7 +305,7 @@ async def list_interactions(
                     "kind": i.kind,
                     "occurred_at": i.occurred_at,
                     "satisfaction": i.satisfaction,
-                    "summary": i.summary,
+                    "summary": i.summary if with_pii else None,
                     "version": shown_version(i.source_version),
                 }
             )
@@ -308,6 +314,7 @@ async def list_interactions(
         next_cursor=(
             encode_cursor(page[-1][0].occurred_at, page[-1][0].id) if len(rows) > limit else None
         ),
+        pii_included=with_pii,
     )
 
 

@@ -146,13 +146,14 @@ class InteractionOut(BaseModel):
     kind: InteractionKind
     occurred_at: datetime
     satisfaction: int | None
-    summary: str | None
+    summary: str | None = Field(description="Free text; only for keys with `pii:read`.")
     version: int | None = Field(description="The producer version; none if it sent none.")
 
 
 class InteractionPage(BaseModel):
     items: list[InteractionOut]
     next_cursor: str | None
+    pii_included: bool = Field(description="Whether the free-text summaries were included.")
 
 
 class ContactOut(BaseModel):
