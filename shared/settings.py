@@ -6,7 +6,8 @@ from enum import StrEnum
 from functools import lru_cache
 from typing import Annotated, Self
 
-from pydantic import Field, model_validator
+from limits import parse as parse_limit
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -88,6 +89,17 @@ class Settings(BaseSettings):
         default=5, ge=1, le=60, description="How often due deliveries are re-driven from Postgres."
     )
 
+    # Rate limits (the `limits` notation: "200/second", "1000/minute"), shared by all replicas
+    # through Redis.
+    rate_limit_enabled: bool = True
+    rate_limit_writes: str = Field(default="200/second", description="Writes per API key.")
+    rate_limit_reads: str = Field(default="100/second", description="Reads per API key.")
+    rate_limit_failed_auth: str = Field(
+        default="30/minute",
+        description="Failed authentications per client address; past it the address is "
+        "locked out until the window ends.",
+    )
+
     # Privacy.
     raw_payload_retention_days: int = Field(
         default=90,
@@ -98,6 +110,15 @@ class Settings(BaseSettings):
 
     # Development only: where `kam dev` keeps the embedded Postgres and Redis.
     data_dir: str = ".kam"
+
+    @field_validator("rate_limit_writes", "rate_limit_reads", "rate_limit_failed_auth")
+    @classmethod
+    def _rate_limit(cls, value: str) -> str:
+        try:
+            parse_limit(value)
+        except ValueError as exc:
+            raise ValueError(f"not a rate limit: {value!r} (e.g. '200/second')") from exc
+        return value
 
     @model_validator(mode="after")
     def _require_real_servers_outside_dev(self) -> Self:

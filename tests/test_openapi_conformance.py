@@ -40,6 +40,9 @@ def live_url(settings: Settings) -> Iterator[str]:
         "KAM_REDIS_URL": settings.redis_url,
         "KAM_QUEUE_NAME": settings.queue_name,
         "KAM_ENV": "test",
+        "KAM_RATE_LIMIT_FAILED_AUTH": settings.rate_limit_failed_auth,
+        "KAM_RATE_LIMIT_WRITES": settings.rate_limit_writes,
+        "KAM_RATE_LIMIT_READS": settings.rate_limit_reads,
         "KAM_LOG_LEVEL": "WARNING",
     }
     server = subprocess.Popen(  # noqa: S603

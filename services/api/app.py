@@ -23,6 +23,7 @@ from services.api.policy.router import router as policy_router
 from services.api.portfolio.router import router as portfolio_router
 from services.api.privacy.router import router as privacy_router
 from services.api.query import reject_unknown_query_params
+from services.api.ratelimit import RateLimiter
 from services.api.webhooks.router import router as webhooks_router
 from services.logging import configure_logging
 from services.scorer.enqueue import create_redis
@@ -80,6 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.key_verifier = KeyVerifier()
+    app.state.rate_limiter = RateLimiter(settings)
     install_error_handlers(app, retry_after_s=settings.retry_after_s)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     for router in (

@@ -22,6 +22,7 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.api.errors import FieldError, ProblemError, Unauthorized, Unprocessable
+from services.api.ratelimit import RateLimiter, client_address
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
@@ -94,11 +95,16 @@ async def require_known_key(request: Request) -> None:
     through the same cache)."""
     scheme, _, key = request.headers.get("authorization", "").partition(" ")
     challenge = {"WWW-Authenticate": "Bearer"}
+    limiter: RateLimiter = request.app.state.rate_limiter
+    address = client_address(request.client)
+    limiter.check_address(address)
     if scheme.lower() != "bearer" or not key.strip():
+        await limiter.authentication_failed(address)
         raise Unauthorized("Send an API key as 'Authorization: Bearer <key>'.", headers=challenge)
     async with request.app.state.sessionmaker() as session:
         principal = await request.app.state.key_verifier.verify(session, key.strip())
     if principal is None:
+        await limiter.authentication_failed(address)
         raise Unauthorized("The API key is unknown or revoked.", headers=challenge)
 
 
