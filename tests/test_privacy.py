@@ -7,12 +7,8 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
-import os
 import shutil
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -30,6 +26,7 @@ from shared.privacy import CONTACT_PII_FIELDS, INTERACTION_PII_FIELDS
 from shared.settings import Settings
 from tests import factories
 from tests.conftest import MakeKey, asyncpg_dsn
+from tests.live import live_api
 
 NAME = "Ottilie Quaxmeyer"
 EMAIL = "ottilie.quaxmeyer@example.org"
@@ -48,53 +45,8 @@ def live(
 ) -> Iterator[tuple[str, Path]]:
     """The API in a process of its own, logging everything (DEBUG, JSON) to a file."""
     log_file = tmp_path_factory.mktemp("privacy") / "api.log"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {
-        **os.environ,
-        "KAM_DATABASE_URL": settings.database_url,
-        "KAM_REDIS_URL": settings.redis_url,
-        "KAM_QUEUE_NAME": settings.queue_name,
-        "KAM_ENV": "test",
-        "KAM_RATE_LIMIT_FAILED_AUTH": settings.rate_limit_failed_auth,
-        "KAM_RATE_LIMIT_WRITES": settings.rate_limit_writes,
-        "KAM_RATE_LIMIT_READS": settings.rate_limit_reads,
-        "KAM_LOG_LEVEL": "DEBUG",
-        "KAM_LOG_JSON": "true",
-    }
-    with log_file.open("wb") as out:
-        server = subprocess.Popen(  # noqa: S603
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "services.api.app:create_app",
-                "--factory",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--log-level",
-                "debug",
-            ],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                try:
-                    httpx.get(f"{url}/healthz", timeout=1)
-                    break
-                except httpx.TransportError:
-                    time.sleep(0.2)
-            yield url, log_file
-        finally:
-            server.terminate()
-            server.wait(timeout=20)
+    with live_api(settings, log_file, KAM_LOG_LEVEL="DEBUG", KAM_LOG_JSON="true") as url:
+        yield url, log_file
 
 
 def _pg_dump() -> str:

@@ -19,6 +19,8 @@ from services.api.ingest.schemas import batch_request_schema
 from services.api.keys.router import router as keys_router
 from services.api.keys.service import KeyVerifier
 from services.api.limits import BodySizeLimit
+from services.api.observability import RequestContext
+from services.api.observability import router as metrics_router
 from services.api.policy.router import router as policy_router
 from services.api.portfolio.router import router as portfolio_router
 from services.api.privacy.router import router as privacy_router
@@ -84,8 +86,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.rate_limiter = RateLimiter(settings)
     install_error_handlers(app, retry_after_s=settings.retry_after_s)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestContext)  # added last: the outermost, it sees every answer
     for router in (
         health_router,
+        metrics_router,
         ingest_router,
         accounts_router,
         policy_router,

@@ -25,9 +25,10 @@ from services.api.ingest.schemas import (
     ItemResult,
     batch_item_event_id,
 )
-from services.api.ingest.service import AnyEvent, ingest_events, received_document
+from services.api.ingest.service import AnyEvent, event_type, ingest_events, received_document
 from services.api.keys.service import Principal
-from shared.enums import ItemStatus, Scope
+from services.api.observability import count_ingested
+from shared.enums import EventType, ItemStatus, Scope
 from shared.schemas import (
     AccountData,
     AccountEvent,
@@ -58,6 +59,7 @@ async def _ingest_one(session: SessionDep, principal: Principal, event: AnyEvent
     )
     if outcome is ItemStatus.duplicate:
         await refuse_reused(session, event)
+    count_ingested([(event_type(event).value, outcome.value)])
     return EventAck(event_id=event.event_id, status=outcome)
 
 
@@ -189,6 +191,7 @@ async def post_events(request: Request, session: SessionDep, principal: Writer) 
     whole = _valid_batch(raw, settings.max_batch_events)
     if whole is not None:
         events, received = whole
+        types = [event_type(event).value for event in events]
         statuses = await ingest_events(
             session, events, api_key_id=principal.key_id, received=received
         )
@@ -206,12 +209,13 @@ async def post_events(request: Request, session: SessionDep, principal: Writer) 
             for index, (event, outcome) in enumerate(zip(events, statuses, strict=True))
         ]
     else:
-        results = await _ingest_item_by_item(
-            session, principal, _parse_envelope(raw, settings.max_batch_events)
-        )
+        items = _parse_envelope(raw, settings.max_batch_events)
+        types = [_item_type(item) for item in items]
+        results = await _ingest_item_by_item(session, principal, items)
     counts = {s: 0 for s in ItemStatus}
     for r in results:
         counts[r.status] += 1
+    count_ingested((types[r.index], r.status.value) for r in results)
     return BatchResult(
         accepted=counts[ItemStatus.accepted] + counts[ItemStatus.stale],
         stale=counts[ItemStatus.stale],
@@ -286,6 +290,14 @@ async def _ingest_item_by_item(
     )
     results.sort(key=lambda r: r.index)
     return results
+
+
+def _item_type(item: Any) -> str:
+    kind = item.get("type") if isinstance(item, dict) else None
+    return kind if kind in _EVENT_TYPES else "unknown"
+
+
+_EVENT_TYPES = frozenset(t.value for t in EventType)
 
 
 def _result(index: int, event_id: str, outcome: ItemStatus, reused: bool) -> ItemResult:
