@@ -59,6 +59,10 @@ class Settings(BaseSettings):
     portfolio_pass_minutes: set[Minute] = Field(default={0}, min_length=1)
     portfolio_pass_timeout_s: int = Field(default=3600, ge=60)
 
+    # The scorer's own HTTP port: /metrics, /healthz, /readyz. None: no port.
+    scorer_http_host: str = "0.0.0.0"  # noqa: S104 - a probe port, reached by the orchestrator
+    scorer_http_port: int | None = Field(default=9464, ge=0, le=65535)
+
     # Webhooks (DESIGN section 6).
     webhook_timeout_s: float = Field(
         default=10.0, gt=0, le=60, description="Whole-request limit of one delivery attempt."

@@ -113,6 +113,7 @@ def settings(database_url: str, service_urls: tuple[str, str]) -> Settings:
         rate_limit_failed_auth="100000/minute",
         rate_limit_writes="100000/minute",
         rate_limit_reads="100000/minute",
+        scorer_http_port=None,  # tests/test_scorer_probes.py opens one of its own
     )
 
 

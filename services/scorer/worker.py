@@ -15,6 +15,7 @@ from services.scorer.enqueue import (
     RESCORE_ACCOUNT,
     create_redis,
 )
+from services.scorer.observability import instrument, start_probe_server
 from services.scorer.retention import expire_raw_payloads
 from shared.db import create_engine, create_sessionmaker
 from shared.settings import Settings
@@ -26,10 +27,13 @@ async def _startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
     ctx["engine"] = create_engine(settings)
     ctx["sessionmaker"] = create_sessionmaker(ctx["engine"])
+    ctx["probe_server"] = await start_probe_server(ctx)
     log.info("scorer_started", queue=settings.queue_name)
 
 
 async def _shutdown(ctx: dict[str, Any]) -> None:
+    if ctx.get("probe_server") is not None:
+        await ctx["probe_server"].stop()
     await ctx["engine"].dispose()
     log.info("scorer_stopped")
 
@@ -71,7 +75,7 @@ def _every(interval_s: int) -> set[int]:
 def create_worker(settings: Settings, *, burst: bool = False) -> Worker:
     """A worker bound to the configured Redis and Postgres; ``burst`` drains the queue and stops."""
     sweep_seconds = _every(settings.sweep_interval_s)
-    return Worker(
+    worker = Worker(
         functions=functions(settings),
         cron_jobs=[
             cron(
@@ -123,3 +127,4 @@ def create_worker(settings: Settings, *, burst: bool = False) -> Worker:
         handle_signals=not burst,
         health_check_interval=30,
     )
+    return instrument(worker)
