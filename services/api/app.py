@@ -9,6 +9,8 @@ from typing import Any
 
 from fastapi import Depends, FastAPI
 from fastapi.openapi.utils import get_openapi
+from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+from opentelemetry.sdk.trace import TracerProvider
 from pydantic import TypeAdapter
 
 from services.api.accounts.router import router as accounts_router
@@ -29,6 +31,7 @@ from services.api.ratelimit import RateLimiter
 from services.api.webhooks.router import router as webhooks_router
 from services.logging import configure_logging
 from services.scorer.enqueue import create_redis
+from services.tracing import instrument_clients, tracer_provider
 from shared.db import create_engine, create_sessionmaker
 from shared.schemas import Event
 from shared.settings import Settings, get_settings
@@ -53,9 +56,14 @@ computed from the order, contact, interaction and payment events that other syst
 """
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, *, tracing: TracerProvider | None = None
+) -> FastAPI:
+    """The API. ``tracing`` overrides the provider the ``OTEL_*`` variables would give (tests
+    pass one with an in-memory exporter)."""
     settings = settings or get_settings()
     configure_logging(settings)
+    provider = tracing or tracer_provider("kam-api")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -64,6 +72,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.engine = create_engine(settings, pre_ping=False)
         app.state.sessionmaker = create_sessionmaker(app.state.engine)
         app.state.redis = create_redis(settings)
+        if provider is not None:
+            instrument_clients(provider, app.state.engine)
         # What exists by now (modules, schemas, the app) lives as long as the process: frozen,
         # it is left out of the collector's full passes, which otherwise walk all of it again
         # every few batches (a fifth of the server's time on 500-event batches).
@@ -100,6 +110,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     ):
         app.include_router(router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    if provider is not None:
+        FastAPIInstrumentor.instrument_app(
+            app, tracer_provider=provider, excluded_urls="/healthz,/readyz,/metrics"
+        )
     return app
 
 

@@ -15,6 +15,7 @@ unaware of metrics.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import time
 from collections.abc import Awaitable, Callable
@@ -23,11 +24,13 @@ from typing import Any
 import structlog
 from arq import Retry
 from arq.worker import Worker
+from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.scorer.enqueue import PORTFOLIO_JOB
+from services.tracing import instrument_clients, tracer_provider
 from shared.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -77,6 +80,16 @@ _PORTFOLIO_FUNCTIONS = {PORTFOLIO_JOB, f"cron:{PORTFOLIO_JOB}"}
 _CHECK_TIMEOUT_S = 2.0
 
 
+def start_tracing(ctx: dict[str, Any]) -> None:
+    """Trace the worker's jobs and their clients when the ``OTEL_*`` variables ask for it
+    (``services/tracing.py``); a provider already in ``ctx`` (tests) is used as it is."""
+    provider = ctx.get("tracer_provider") or tracer_provider("kam-scorer")
+    if provider is None:
+        return
+    ctx["tracer_provider"] = provider
+    instrument_clients(provider, ctx["engine"])
+
+
 def instrument(worker: Worker) -> Worker:
     """Measure every function and cron job of ``worker``."""
     for name, function in worker.functions.items():
@@ -89,8 +102,15 @@ def _measured(name: str, coroutine: Callable[..., Awaitable[Any]]) -> Callable[.
     async def run(ctx: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
         started = time.perf_counter()
         outcome = "error"
+        provider: TracerProvider | None = ctx.get("tracer_provider")
+        span = (
+            provider.get_tracer("kam.scorer").start_as_current_span(f"job {name}")
+            if provider is not None
+            else contextlib.nullcontext()
+        )
         try:
-            result = await coroutine(ctx, *args, **kwargs)
+            with span:
+                result = await coroutine(ctx, *args, **kwargs)
             outcome = "success"
         except Retry:
             outcome = "retry"

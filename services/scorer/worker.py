@@ -15,7 +15,7 @@ from services.scorer.enqueue import (
     RESCORE_ACCOUNT,
     create_redis,
 )
-from services.scorer.observability import instrument, start_probe_server
+from services.scorer.observability import instrument, start_probe_server, start_tracing
 from services.scorer.retention import expire_raw_payloads
 from shared.db import create_engine, create_sessionmaker
 from shared.settings import Settings
@@ -28,6 +28,7 @@ async def _startup(ctx: dict[str, Any]) -> None:
     ctx["engine"] = create_engine(settings)
     ctx["sessionmaker"] = create_sessionmaker(ctx["engine"])
     ctx["probe_server"] = await start_probe_server(ctx)
+    start_tracing(ctx)
     log.info("scorer_started", queue=settings.queue_name)
 
 
