@@ -143,10 +143,30 @@ Timestamp = Annotated[
     AwareDatetime,
     BeforeValidator(_rfc3339_text),
     AfterValidator(_plausible_year),
-    Field(description="RFC 3339 date-time with a UTC offset.", examples=["2026-11-23T09:30:00Z"]),
+    Field(
+        description="RFC 3339 date-time with a UTC offset, in the years 1900-2200.",
+        examples=["2026-11-23T09:30:00Z"],
+    ),
 ]
 
-MAX_VERSION = 2**63 - 1
+
+def _whole_number(value: Any) -> Any:
+    # JSON has one kind of number: 7.0 is the integer 7 to JSON Schema and to many producers.
+    # Strings and booleans stay refused.
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# An integer, also when sent as 7.0: ``Annotated[StrictInt, Field(ge=.., le=..), WHOLE]``. The
+# bounds come before it, so they apply to the integer and the schema states them as standard
+# ``minimum``/``maximum`` (after it, pydantic writes its own ``ge``/``le``).
+WHOLE = BeforeValidator(_whole_number)
+
+
+# The largest integer every JSON parser reads exactly (a double's 53-bit mantissa); larger ones
+# turn into neighbouring numbers in many clients. updated_at in microseconds stays far below it.
+MAX_VERSION = 2**53 - 1
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # The stored version of an entity whose events carried none; any real version is newer.
 UNVERSIONED = -1
@@ -161,12 +181,29 @@ def shown_version(stored: int | None) -> int | None:
 _AT_MOST_ONE_VERSION = {"not": {"required": ["version", "updated_at"]}}
 
 
-def _versioned_schema(example: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Schema extras of a versioned event: the at-most-one-version rule, and an example."""
+def _versioned_schema(
+    example: dict[str, Any] | None = None, *, rule: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Schema extras of a versioned event: the at-most-one-version rule, the event's own
+    ``rule`` (an if/then), and an example."""
     extra: dict[str, Any] = dict(_AT_MOST_ONE_VERSION)
+    if rule is not None:
+        extra |= rule
     if example is not None:
         extra["examples"] = [example]
     return extra
+
+
+# satisfaction only on surveys, churn_reason only on lost accounts: the same rules as the
+# models' checks, said in JSON Schema so that clients and schema tools know them too.
+_SATISFACTION_ONLY_FOR_SURVEYS = {
+    "if": {"required": ["kind"], "properties": {"kind": {"not": {"const": "survey"}}}},
+    "then": {"properties": {"satisfaction": {"type": "null"}}},
+}
+_CHURN_REASON_ONLY_WHEN_LOST = {
+    "if": {"not": {"required": ["status"], "properties": {"status": {"const": "lost"}}}},
+    "then": {"properties": {"churn_reason": {"type": "null"}}},
+}
 
 
 def _not_null(value: Any) -> Any:
@@ -200,7 +237,7 @@ class Versioned(StrictModel):
     # Left out, a version is None; sent as null, it is an error. The default is not validated,
     # so the check runs on a sent value alone.
     version: Annotated[
-        Annotated[StrictInt, Field(ge=0, le=MAX_VERSION)] | SkipJsonSchema[None],
+        Annotated[StrictInt, Field(ge=0, le=MAX_VERSION), WHOLE] | SkipJsonSchema[None],
         BeforeValidator(_not_null),
         Field(description="Producer version of the entity.", examples=[7]),
     ] = None
@@ -232,7 +269,8 @@ class AccountData(Versioned):
 
     model_config = ConfigDict(
         json_schema_extra=_versioned_schema(
-            {
+            rule=_CHURN_REASON_ONLY_WHEN_LOST,
+            example={
                 "event_id": "crm-acc-A-1001-v3",
                 "version": 3,
                 "name": "Nordwerk GmbH",
@@ -245,7 +283,7 @@ class AccountData(Versioned):
                 "payment_terms_days": 30,
                 "strategic_fit": 4,
                 "status": "active",
-            }
+            },
         )
     )
 
@@ -260,9 +298,9 @@ class AccountData(Versioned):
         default=None, description="The key-account manager looking after it."
     )
     credit_limit: Amount | None = None
-    payment_terms_days: StrictInt | None = Field(default=None, ge=0, le=365)
-    strategic_fit: StrictInt | None = Field(
-        default=None, ge=1, le=5, description="Manager judgement of strategic fit, 1 (low) to 5."
+    payment_terms_days: Annotated[StrictInt, Field(ge=0, le=365), WHOLE] | None = None
+    strategic_fit: Annotated[StrictInt, Field(ge=1, le=5), WHOLE] | None = Field(
+        default=None, description="Manager judgement of strategic fit, 1 (low) to 5."
     )
     status: AccountStatus = AccountStatus.active
     churn_reason: LongText | None = Field(
@@ -293,8 +331,8 @@ class ManagerData(Versioned):
 
     name: Name
     email: Email | None = None
-    capacity: StrictInt = Field(
-        default=9, ge=0, le=1000, description="Key accounts they can handle."
+    capacity: Annotated[StrictInt, Field(ge=0, le=1000), WHOLE] = Field(
+        default=9, description="Key accounts they can handle."
     )
 
 
@@ -362,7 +400,7 @@ class ContactData(Versioned):
     )
     address: LongText | None = None
     gender: ShortText | None = None
-    birth_year: StrictInt | None = Field(default=None, ge=1900, le=2100)
+    birth_year: Annotated[StrictInt, Field(ge=1900, le=2100), WHOLE] | None = None
 
 
 class InteractionData(Versioned):
@@ -371,7 +409,8 @@ class InteractionData(Versioned):
 
     model_config = ConfigDict(
         json_schema_extra=_versioned_schema(
-            {
+            rule=_SATISFACTION_ONLY_FOR_SURVEYS,
+            example={
                 "event_id": "cc-survey-77120",
                 "updated_at": "2026-11-21T08:02:11Z",
                 "external_id": "SURVEY-77120",
@@ -383,7 +422,7 @@ class InteractionData(Versioned):
                 "occurred_at": "2026-11-21T08:00:00Z",
                 "satisfaction": 2,
                 "summary": "Delivery times got worse this quarter.",
-            }
+            },
         )
     )
 
@@ -394,7 +433,7 @@ class InteractionData(Versioned):
     direction: Direction
     kind: InteractionKind
     occurred_at: Timestamp
-    satisfaction: StrictInt | None = Field(default=None, ge=1, le=5)
+    satisfaction: Annotated[StrictInt, Field(ge=1, le=5), WHOLE] | None = None
     summary: LongText | None = None
 
     @model_validator(mode="after")
@@ -434,7 +473,9 @@ class PaymentData(Versioned):
 
 
 class AccountEvent(AccountData):
-    model_config = ConfigDict(json_schema_extra=_versioned_schema())  # examples: /v1/events
+    model_config = ConfigDict(  # examples: /v1/events
+        json_schema_extra=_versioned_schema(rule=_CHURN_REASON_ONLY_WHEN_LOST)
+    )
 
     type: Literal["account"]
     external_id: ExternalId
@@ -466,7 +507,9 @@ class ContactEvent(ContactData):
 
 
 class InteractionEvent(InteractionData):
-    model_config = ConfigDict(json_schema_extra=_versioned_schema())  # examples: /v1/events
+    model_config = ConfigDict(  # examples: /v1/events
+        json_schema_extra=_versioned_schema(rule=_SATISFACTION_ONLY_FOR_SURVEYS)
+    )
 
     type: Literal["interaction"]
 

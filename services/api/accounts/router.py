@@ -56,7 +56,7 @@ router = APIRouter(prefix="/v1/accounts", tags=["accounts"], route_class=JsonBod
 Reader = Annotated[Principal, Depends(require(Scope.accounts_read))]
 Overrider = Annotated[Principal, Depends(require(Scope.tiers_override))]
 AccountId = Annotated[ExternalId, Path(description="The producer's id of the account.")]
-_ERRORS = problems(401, 403, 404, 422, 503)
+_ERRORS = problems(400, 401, 403, 404, 422, 503)  # 400: a cursor that is not one
 
 _parent = aliased(Account)
 

@@ -245,6 +245,7 @@ class TierOverrideIn(BaseModel):
         default=None,
         description="When the override lapses and the scored tier applies again; must be in "
         "the future. Omit for an override that holds until it is lifted.",
+        examples=["2030-06-30T00:00:00Z"],
     )
 
     @field_validator("reason")
