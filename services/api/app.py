@@ -40,17 +40,25 @@ DESCRIPTION = """
 KAM keeps, for every customer account, its **key-account tier** and its **retention risk**,
 computed from the order, contact, interaction and payment events that other systems send here.
 
-* **Authentication**: every call but `/healthz` and `/readyz` needs an API key,
+* **Authentication**: every call but `/healthz`, `/readyz` and `/metrics` needs an API key,
   `Authorization: Bearer kam_...`. Each endpoint names the scope it needs
   (`events:write`, `accounts:read`, `pii:read`, `pii:erase`, `policy:write`, `tiers:override`,
   `webhooks:manage`, `admin`;
   `admin` grants every other scope). A missing or wrong key answers 401,
   a missing scope 403.
-* **Idempotency**: every event carries a client-chosen `event_id`; sending it again is
-  acknowledged as a `duplicate` and changes nothing. Entity events also carry a `version`
-  (or `updated_at`): an older version arriving late is stored as `stale` and changes nothing.
-* **Errors** are `application/problem+json` (RFC 9457) naming each invalid field. Unknown fields
-  are rejected. When Postgres is unreachable the API answers 503 with `Retry-After`.
+* **Idempotency**: every event carries a client-chosen `event_id`; sending the same event again
+  is acknowledged as a `duplicate` and changes nothing; the same `event_id` with a different
+  body is refused (409, or a `rejected` batch item). An event may carry a `version` (or
+  `updated_at`): an older version arriving late is stored as `stale` and changes nothing;
+  without either, arrival order decides.
+* **Bodies** are JSON in UTF-8 sent as `application/json` (else 415); invalid JSON is named by
+  line and column. The key is checked before the body.
+* **Errors** are `application/problem+json` (RFC 9457) naming each invalid field, with the
+  request's `request_id` (also in `X-Request-ID`). Unknown fields are rejected. When Postgres is
+  unreachable the API answers 503 with `Retry-After`; over a rate limit, 429 with
+  `Retry-After` and `RateLimit-*` headers.
+* **Personal data** (contacts' personal fields, interaction summaries) is returned only with
+  `pii:read`; `DELETE /v1/contacts/{external_id}` (`pii:erase`) erases it everywhere.
 * **Durability**: a 202 means the event is committed in Postgres; scoring follows
   asynchronously.
 """
