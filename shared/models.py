@@ -271,8 +271,9 @@ class IngestEvent(Base):
     status: Mapped[str] = mapped_column(String(16))
     # None once the retention period has passed: the hash and the metadata stay.
     payload: Mapped[dict[str, Any] | None]
-    # SHA-256 of the body's canonical (jsonb) text, set by a trigger on insert and kept when the
-    # body is erased or expires: a reused event_id is told from a repeat by it.
+    # SHA-256 of the body's canonical (jsonb) text, stored when the body is rewritten (erased or
+    # expired); until then it is taken from the body. A reused event_id is told from a repeat
+    # by it (services/api/ingest/reuse.py).
     body_hash: Mapped[bytes | None] = mapped_column(LargeBinary)
     # The key that sent it. Not a foreign key: that took a share lock on the key's one row for
     # every event, and producers sharing a key queued on it. Keys are revoked, never deleted.

@@ -7,7 +7,6 @@ validation always fits its column.
 
 from __future__ import annotations
 
-import re
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Annotated, Any, Literal, Self
@@ -69,14 +68,24 @@ Currency = Annotated[
     StringConstraints(pattern=r"^[A-Z]{3}$"),
     Field(description="ISO 4217 code.", examples=["EUR"]),
 ]
-_PLAIN_DECIMAL = re.compile(r"-?[0-9]+(\.[0-9]+)?")
 
 
 def _plain_decimal(value: Any) -> Any:
     # Python's Decimal reads "1_000" as 1000 and " 1.00 " as 1.00; a decimal string must be
-    # digits with an optional point and fraction, nothing else.
-    if isinstance(value, str) and _PLAIN_DECIMAL.fullmatch(value) is None:
-        raise ValueError("a decimal is digits with an optional point and fraction, e.g. 1250.00")
+    # ASCII digits with an optional point and fraction, nothing else. (Plain string checks:
+    # a regular expression cost four times as much, on every amount of every order.)
+    if isinstance(value, str):
+        whole, point, fraction = value.partition(".")
+        if whole[:1] == "-":
+            whole = whole[1:]
+        if not (
+            whole.isascii()
+            and whole.isdigit()
+            and (not point or (fraction.isascii() and fraction.isdigit()))
+        ):
+            raise ValueError(
+                "a decimal is digits with an optional point and fraction, e.g. 1250.00"
+            )
     return value
 
 

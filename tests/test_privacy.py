@@ -184,6 +184,10 @@ async def test_repeating_an_erased_event_is_a_duplicate(
     assert stored is not None
     assert stored.payload is not None
     assert "name" not in stored.payload
+    assert stored.body_hash is not None  # kept from the body as sent, before the erasure
+    changed = contact | {"name": "Someone Else"}
+    reused = await client.post("/v1/contacts", json=changed, headers=headers)
+    assert reused.status_code == 409
     assert stored.payload["external_id"] == "C-1"
 
 

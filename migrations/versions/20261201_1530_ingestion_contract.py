@@ -25,34 +25,12 @@ LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
 RETURN sha256(convert_to(body::text, 'UTF8'))
 """
 
-# A trigger, not a column the insert sets: the hash is taken once, from the body as stored,
-# whichever path inserted the row, and stays when erasure or retention rewrites the body.
-_HASH_TRIGGER_FUNCTION = """
-CREATE FUNCTION kam_ingest_events_hash() RETURNS trigger
-LANGUAGE plpgsql AS $$
-BEGIN
-    NEW.body_hash := kam_body_hash(NEW.payload);
-    RETURN NEW;
-END
-$$
-"""
-
-_HASH_TRIGGER = """
-CREATE TRIGGER ingest_events_body_hash BEFORE INSERT ON ingest_events
-FOR EACH ROW EXECUTE FUNCTION kam_ingest_events_hash()
-"""
-
 
 def upgrade() -> None:
     op.add_column("ingest_events", sa.Column("body_hash", sa.LargeBinary(), nullable=True))
     op.execute(_HASH_FUNCTION)
-    op.execute("UPDATE ingest_events SET body_hash = kam_body_hash(payload)")
-    op.execute(_HASH_TRIGGER_FUNCTION)
-    op.execute(_HASH_TRIGGER)
 
 
 def downgrade() -> None:
-    op.execute("DROP TRIGGER ingest_events_body_hash ON ingest_events")
-    op.execute("DROP FUNCTION kam_ingest_events_hash()")
     op.execute("DROP FUNCTION kam_body_hash(jsonb)")
     op.drop_column("ingest_events", "body_hash")

@@ -23,8 +23,8 @@ depends_on: str | Sequence[str] | None = None
 _CONTACT_KEYS = "ARRAY['name', 'email', 'phone', 'address', 'gender', 'birth_year']"
 _INTERACTION_KEYS = "ARRAY['summary']"
 
-# Runs after ingest_events_body_hash (triggers fire in name order): the hash is of the body as
-# sent, so a repeat is still a duplicate, while the stored body loses the erased fields.
+# The body's hash is kept before the erased fields leave it, so a repeat of the event is still
+# a duplicate. The trigger's WHEN keeps every other event type from calling it at all.
 _RAW_EVENT_TRIGGER_FUNCTION = f"""
 CREATE FUNCTION kam_ingest_events_erased() RETURNS trigger
 LANGUAGE plpgsql AS $$
@@ -33,11 +33,13 @@ BEGIN
         SELECT FROM contacts
         WHERE external_id = NEW.payload ->> 'external_id' AND erased_at IS NOT NULL
     ) THEN
+        NEW.body_hash := coalesce(NEW.body_hash, kam_body_hash(NEW.payload));
         NEW.payload := NEW.payload - {_CONTACT_KEYS};
     ELSIF NEW.type = 'interaction' AND NEW.payload ? 'contact_external_id' AND EXISTS (
         SELECT FROM contacts
         WHERE external_id = NEW.payload ->> 'contact_external_id' AND erased_at IS NOT NULL
     ) THEN
+        NEW.body_hash := coalesce(NEW.body_hash, kam_body_hash(NEW.payload));
         NEW.payload := NEW.payload - {_INTERACTION_KEYS};
     END IF;
     RETURN NEW;
@@ -112,18 +114,20 @@ def upgrade() -> None:
     )
     op.execute(_RAW_EVENT_TRIGGER_FUNCTION)
     op.execute(
-        "CREATE TRIGGER ingest_events_erased BEFORE INSERT ON ingest_events "
-        "FOR EACH ROW EXECUTE FUNCTION kam_ingest_events_erased()"
+        "CREATE TRIGGER ingest_events_erased BEFORE INSERT ON ingest_events FOR EACH ROW "
+        "WHEN (NEW.type IN ('contact', 'interaction')) "
+        "EXECUTE FUNCTION kam_ingest_events_erased()"
     )
     op.execute(_CONTACT_TRIGGER_FUNCTION)
     op.execute(
-        "CREATE TRIGGER contacts_erased BEFORE INSERT OR UPDATE ON contacts "
-        "FOR EACH ROW EXECUTE FUNCTION kam_contacts_erased()"
+        "CREATE TRIGGER contacts_erased BEFORE INSERT OR UPDATE ON contacts FOR EACH ROW "
+        "WHEN (NEW.erased_at IS NOT NULL) EXECUTE FUNCTION kam_contacts_erased()"
     )
     op.execute(_INTERACTION_TRIGGER_FUNCTION)
     op.execute(
-        "CREATE TRIGGER interactions_erased BEFORE INSERT OR UPDATE ON interactions "
-        "FOR EACH ROW EXECUTE FUNCTION kam_interactions_erased()"
+        "CREATE TRIGGER interactions_erased BEFORE INSERT OR UPDATE ON interactions FOR EACH ROW "
+        "WHEN (NEW.summary IS NOT NULL AND NEW.contact_id IS NOT NULL) "
+        "EXECUTE FUNCTION kam_interactions_erased()"
     )
 
 

@@ -18,8 +18,10 @@ log = structlog.get_logger(__name__)
 EXPIRE_BATCH = 5000
 
 # The oldest first, a batch at a time: each batch is a short transaction that locks few rows.
+# The body's hash is kept (see services/api/ingest/reuse.py): a repeat stays a duplicate.
 _EXPIRE = """
-UPDATE ingest_events SET payload = NULL
+UPDATE ingest_events
+SET body_hash = coalesce(body_hash, kam_body_hash(payload)), payload = NULL
 WHERE event_id IN (
     SELECT event_id FROM ingest_events
     WHERE received_at < :cutoff AND payload IS NOT NULL

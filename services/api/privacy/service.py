@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, text
+from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.api.errors import NotFound
@@ -39,13 +39,15 @@ WHERE id = :id
 """  # noqa: S608 - the field names are constants
 
 _ERASE_CONTACT_EVENTS = """
-UPDATE ingest_events SET payload = payload - CAST(:fields AS text[])
+UPDATE ingest_events SET body_hash = coalesce(body_hash, kam_body_hash(payload)),
+    payload = payload - CAST(:fields AS text[])
 WHERE type = 'contact' AND payload ->> 'external_id' = :external_id
     AND payload ?| CAST(:fields AS text[])
 """
 
 _ERASE_INTERACTION_EVENTS = """
-UPDATE ingest_events SET payload = payload - CAST(:fields AS text[])
+UPDATE ingest_events SET body_hash = coalesce(body_hash, kam_body_hash(payload)),
+    payload = payload - CAST(:fields AS text[])
 WHERE type = 'interaction' AND payload ->> 'contact_external_id' = :external_id
     AND payload ?| CAST(:fields AS text[])
 """
@@ -114,6 +116,8 @@ def _count(result: Any) -> int:
 # --------------------------------------------------------------------------------------------
 
 _CHUNK = 500
+# The stored hash once the body was rewritten, else the body's (see ingest/reuse.py).
+_BODY_HASH = func.coalesce(IngestEvent.body_hash, func.kam_body_hash(IngestEvent.payload))
 
 
 def _encode(value: Any) -> str:
@@ -190,15 +194,15 @@ async def export_account(
             yield "]"
         yield ',"raw_events":['
         first = True
-        raw = await session.stream_scalars(
-            select(IngestEvent)
+        raw = await session.stream(
+            select(IngestEvent, _BODY_HASH)
             .where(IngestEvent.account_external_id == external_id)
             .order_by(IngestEvent.received_at, IngestEvent.event_id)
             .execution_options(yield_per=_CHUNK)
         )
-        async for event in raw:
+        async for event, body_hash in raw:
             record = _columns(event, leave_out=("body_hash",))
-            record["body_sha256"] = event.body_hash.hex() if event.body_hash else None
+            record["body_sha256"] = body_hash.hex() if body_hash else None
             if not with_pii:
                 record["payload"] = without_pii(event.type, event.payload)
             yield ("" if first else ",") + _encode(record)
