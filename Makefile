@@ -13,13 +13,19 @@ install: $(INSTALLED)
 
 $(INSTALLED): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit("Python 3.11+ is required") if sys.version_info < (3, 11) else None'
+	@echo "first run (or pyproject.toml changed): installing into $(VENV), about a minute..."
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[embedded,dev]'
+	$(BIN)/python -m pip install -e '.[embedded,dev]' | grep -E '^(Collecting|Successfully)' || true
+	@$(BIN)/python -c 'import services.api.app' || (echo "the install failed: see the pip output above" && false)
 	touch $@
+	@echo "installed."
 
-run: install ## set up and run the API and the scorer on http://127.0.0.1:8000
-	$(BIN)/kam dev
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+run: install ## set up and run the API and the scorer on http://$(HOST):$(PORT) (make run PORT=8001)
+	KAM_HOST=$(HOST) KAM_PORT=$(PORT) $(BIN)/kam dev
 
 test: install ## the whole suite against real Postgres and Redis
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

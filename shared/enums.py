@@ -87,6 +87,7 @@ class Scope(StrEnum):
     events_write = "events:write"
     accounts_read = "accounts:read"
     pii_read = "pii:read"
+    pii_erase = "pii:erase"
     webhooks_manage = "webhooks:manage"
     policy_write = "policy:write"
     tiers_override = "tiers:override"

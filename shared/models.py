@@ -23,6 +23,7 @@ from sqlalchemy import (
     Identity,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     Numeric,
     Sequence,
@@ -275,11 +276,46 @@ class IngestEvent(Base):
     # when the account row was never created or was deleted.
     account_external_id: Mapped[str | None] = mapped_column(String(EXTERNAL_ID_LENGTH), index=True)
     status: Mapped[str] = mapped_column(String(16))
-    payload: Mapped[dict[str, Any]]
+    # None once the retention period has passed: the hash and the metadata stay.
+    payload: Mapped[dict[str, Any] | None]
+    # SHA-256 of the body's canonical (jsonb) text, stored when the body is rewritten (erased or
+    # expired); until then it is taken from the body. A reused event_id is told from a repeat
+    # by it (services/api/ingest/reuse.py).
+    body_hash: Mapped[bytes | None] = mapped_column(LargeBinary)
     # The key that sent it. Not a foreign key: that took a share lock on the key's one row for
     # every event, and producers sharing a key queued on it. Keys are revoked, never deleted.
     api_key_id: Mapped[int | None] = mapped_column(BigInteger)
     received_at: Mapped[datetime] = _created()
+
+    __table_args__ = (
+        # A contact's raw events, found for erasure without reading every event.
+        Index(
+            "ix_ingest_events_contact",
+            text("(payload ->> 'external_id')"),
+            postgresql_where=text("type = 'contact'"),
+        ),
+        Index(
+            "ix_ingest_events_interaction_contact",
+            text("(payload ->> 'contact_external_id')"),
+            postgresql_where=text("type = 'interaction'"),
+        ),
+    )
+
+
+class ContactErasure(Base):
+    """That a contact's personal data was erased: which contact, when, by which key, and how
+    much was erased. It holds no personal data itself."""
+
+    __tablename__ = "contact_erasures"
+
+    id: Mapped[int] = _pk()
+    contact_external_id: Mapped[str] = mapped_column(String(EXTERNAL_ID_LENGTH), index=True)
+    account_external_id: Mapped[str | None] = mapped_column(String(EXTERNAL_ID_LENGTH))
+    api_key_id: Mapped[int | None] = mapped_column(BigInteger)
+    fields: Mapped[list[str]] = mapped_column(ARRAY(Text))
+    raw_events: Mapped[int]
+    interaction_summaries: Mapped[int]
+    erased_at: Mapped[datetime] = _created()
 
 
 class ApiKey(Base):

@@ -20,6 +20,7 @@ from pydantic import (
     Field,
     StrictInt,
     StringConstraints,
+    WithJsonSchema,
     model_validator,
 )
 from pydantic.json_schema import SkipJsonSchema
@@ -67,11 +68,56 @@ Currency = Annotated[
     StringConstraints(pattern=r"^[A-Z]{3}$"),
     Field(description="ISO 4217 code.", examples=["EUR"]),
 ]
+
+
+def _plain_decimal(value: Any) -> Any:
+    # Python's Decimal reads "1_000" as 1000 and " 1.00 " as 1.00; a decimal string must be
+    # ASCII digits with an optional point and fraction, nothing else. (Plain string checks:
+    # a regular expression cost four times as much, on every amount of every order.)
+    if isinstance(value, str):
+        whole, point, fraction = value.partition(".")
+        if whole[:1] == "-":
+            whole = whole[1:]
+        if not (
+            whole.isascii()
+            and whole.isdigit()
+            and (not point or (fraction.isascii() and fraction.isdigit()))
+        ):
+            raise ValueError(
+                "a decimal is digits with an optional point and fraction, e.g. 1250.00"
+            )
+    return value
+
+
+def _decimal_schema(whole_digits: int, places: int) -> WithJsonSchema:
+    """The documented form of a non-negative decimal, in standard JSON Schema words (pydantic
+    writes its own ``ge``/``max_digits`` beside an ``anyOf``, which schema tools ignore)."""
+    largest = Decimal(10**whole_digits) - Decimal(1).scaleb(-places)
+    return WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "number", "minimum": 0, "maximum": float(largest)},
+                {
+                    "type": "string",
+                    "pattern": f"^[0-9]{{1,{whole_digits}}}(\\.[0-9]{{1,{places}}})?$",
+                },
+            ]
+        }
+    )
+
+
 Amount = Annotated[
     Decimal,
+    BeforeValidator(_plain_decimal),
     Field(ge=0, max_digits=14, decimal_places=2, allow_inf_nan=False, examples=["1250.00"]),
+    _decimal_schema(12, 2),
 ]
-Quantity = Annotated[Decimal, Field(ge=0, max_digits=14, decimal_places=3, allow_inf_nan=False)]
+Quantity = Annotated[
+    Decimal,
+    BeforeValidator(_plain_decimal),
+    Field(ge=0, max_digits=14, decimal_places=3, allow_inf_nan=False),
+    _decimal_schema(11, 3),
+]
 Email = Annotated[
     str,
     StringConstraints(max_length=320, pattern=r"^[^@\s\x00-\x1f]+@[^@\s\x00-\x1f]+$"),
@@ -106,22 +152,67 @@ Timestamp = Annotated[
     AwareDatetime,
     BeforeValidator(_rfc3339_text),
     AfterValidator(_plausible_year),
-    Field(description="RFC 3339 date-time with a UTC offset.", examples=["2026-11-23T09:30:00Z"]),
+    Field(
+        description="RFC 3339 date-time with a UTC offset, in the years 1900-2200.",
+        examples=["2026-11-23T09:30:00Z"],
+    ),
 ]
 
-MAX_VERSION = 2**63 - 1
+
+def _whole_number(value: Any) -> Any:
+    # JSON has one kind of number: 7.0 is the integer 7 to JSON Schema and to many producers.
+    # Strings and booleans stay refused.
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# An integer, also when sent as 7.0: ``Annotated[StrictInt, Field(ge=.., le=..), WHOLE]``. The
+# bounds come before it, so they apply to the integer and the schema states them as standard
+# ``minimum``/``maximum`` (after it, pydantic writes its own ``ge``/``le``).
+WHOLE = BeforeValidator(_whole_number)
+
+
+# The largest integer every JSON parser reads exactly (a double's 53-bit mantissa); larger ones
+# turn into neighbouring numbers in many clients. updated_at in microseconds stays far below it.
+MAX_VERSION = 2**53 - 1
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# The stored version of an entity whose events carried none; any real version is newer.
+UNVERSIONED = -1
 
 
-_ONE_VERSION = [{"required": ["version"]}, {"required": ["updated_at"]}]
+def shown_version(stored: int | None) -> int | None:
+    """A stored version as the read API shows it: none for a stub or unversioned entity."""
+    return None if stored is None or stored == UNVERSIONED else stored
 
 
-def _versioned_schema(example: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Schema extras of a versioned event: the one-of-version rule, and an example for /docs."""
-    extra: dict[str, Any] = {"oneOf": _ONE_VERSION}
+# At most one of the two: not both.
+_AT_MOST_ONE_VERSION = {"not": {"required": ["version", "updated_at"]}}
+
+
+def _versioned_schema(
+    example: dict[str, Any] | None = None, *, rule: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Schema extras of a versioned event: the at-most-one-version rule, the event's own
+    ``rule`` (an if/then), and an example."""
+    extra: dict[str, Any] = dict(_AT_MOST_ONE_VERSION)
+    if rule is not None:
+        extra |= rule
     if example is not None:
         extra["examples"] = [example]
     return extra
+
+
+# satisfaction only on surveys, churn_reason only on lost accounts: the same rules as the
+# models' checks, said in JSON Schema so that clients and schema tools know them too.
+_SATISFACTION_ONLY_FOR_SURVEYS = {
+    "if": {"required": ["kind"], "properties": {"kind": {"not": {"const": "survey"}}}},
+    "then": {"properties": {"satisfaction": {"type": "null"}}},
+}
+_CHURN_REASON_ONLY_WHEN_LOST = {
+    "if": {"not": {"required": ["status"], "properties": {"status": {"const": "lost"}}}},
+    "then": {"properties": {"churn_reason": {"type": "null"}}},
+}
 
 
 def _not_null(value: Any) -> Any:
@@ -139,11 +230,14 @@ class StrictModel(BaseModel):
 
 
 class Versioned(StrictModel):
-    """An event that carries the producer's version of the entity it describes.
+    """An event that may carry the producer's version of the entity it describes.
 
-    Give exactly one of ``version`` (a number that grows with every change) or ``updated_at``
+    Give at most one of ``version`` (a number that grows with every change) or ``updated_at``
     (the time of the change at the source). An event whose version is not newer than the one
-    already applied is stored for audit but changes nothing (``stale``).
+    already applied is stored for audit but changes nothing (``stale``). An event with neither
+    is applied as it arrives (of two such events, the one received later wins) and leaves the
+    stored version as it was; so, when a producer mixes the two, a versioned event is still
+    compared with the newest version applied before, even if an unversioned one came between.
     """
 
     model_config = ConfigDict(json_schema_extra=_versioned_schema())
@@ -152,9 +246,9 @@ class Versioned(StrictModel):
     # Left out, a version is None; sent as null, it is an error. The default is not validated,
     # so the check runs on a sent value alone.
     version: Annotated[
-        StrictInt | SkipJsonSchema[None],
+        Annotated[StrictInt, Field(ge=0, le=MAX_VERSION), WHOLE] | SkipJsonSchema[None],
         BeforeValidator(_not_null),
-        Field(ge=0, le=MAX_VERSION, description="Producer version of the entity.", examples=[7]),
+        Field(description="Producer version of the entity.", examples=[7]),
     ] = None
     updated_at: Annotated[
         Timestamp | SkipJsonSchema[None],
@@ -164,16 +258,18 @@ class Versioned(StrictModel):
 
     @model_validator(mode="after")
     def _one_version(self) -> Self:
-        if (self.version is None) == (self.updated_at is None):
-            raise ValueError("give exactly one of version or updated_at")
+        if self.version is not None and self.updated_at is not None:
+            raise ValueError("give at most one of version or updated_at")
         return self
 
     @property
     def source_version(self) -> int:
-        """The version as one comparable integer: ``updated_at`` counts in microseconds."""
+        """The version as one comparable integer: ``updated_at`` counts in microseconds, and
+        an event with neither is ``UNVERSIONED``."""
         if self.version is not None:
             return self.version
-        assert self.updated_at is not None
+        if self.updated_at is None:
+            return UNVERSIONED
         return max(0, (self.updated_at - _EPOCH) // timedelta(microseconds=1))
 
 
@@ -182,7 +278,8 @@ class AccountData(Versioned):
 
     model_config = ConfigDict(
         json_schema_extra=_versioned_schema(
-            {
+            rule=_CHURN_REASON_ONLY_WHEN_LOST,
+            example={
                 "event_id": "crm-acc-A-1001-v3",
                 "version": 3,
                 "name": "Nordwerk GmbH",
@@ -195,7 +292,7 @@ class AccountData(Versioned):
                 "payment_terms_days": 30,
                 "strategic_fit": 4,
                 "status": "active",
-            }
+            },
         )
     )
 
@@ -210,9 +307,9 @@ class AccountData(Versioned):
         default=None, description="The key-account manager looking after it."
     )
     credit_limit: Amount | None = None
-    payment_terms_days: StrictInt | None = Field(default=None, ge=0, le=365)
-    strategic_fit: StrictInt | None = Field(
-        default=None, ge=1, le=5, description="Manager judgement of strategic fit, 1 (low) to 5."
+    payment_terms_days: Annotated[StrictInt, Field(ge=0, le=365), WHOLE] | None = None
+    strategic_fit: Annotated[StrictInt, Field(ge=1, le=5), WHOLE] | None = Field(
+        default=None, description="Manager judgement of strategic fit, 1 (low) to 5."
     )
     status: AccountStatus = AccountStatus.active
     churn_reason: LongText | None = Field(
@@ -243,8 +340,8 @@ class ManagerData(Versioned):
 
     name: Name
     email: Email | None = None
-    capacity: StrictInt = Field(
-        default=9, ge=0, le=1000, description="Key accounts they can handle."
+    capacity: Annotated[StrictInt, Field(ge=0, le=1000), WHOLE] = Field(
+        default=9, description="Key accounts they can handle."
     )
 
 
@@ -312,7 +409,7 @@ class ContactData(Versioned):
     )
     address: LongText | None = None
     gender: ShortText | None = None
-    birth_year: StrictInt | None = Field(default=None, ge=1900, le=2100)
+    birth_year: Annotated[StrictInt, Field(ge=1900, le=2100), WHOLE] | None = None
 
 
 class InteractionData(Versioned):
@@ -321,7 +418,8 @@ class InteractionData(Versioned):
 
     model_config = ConfigDict(
         json_schema_extra=_versioned_schema(
-            {
+            rule=_SATISFACTION_ONLY_FOR_SURVEYS,
+            example={
                 "event_id": "cc-survey-77120",
                 "updated_at": "2026-11-21T08:02:11Z",
                 "external_id": "SURVEY-77120",
@@ -333,7 +431,7 @@ class InteractionData(Versioned):
                 "occurred_at": "2026-11-21T08:00:00Z",
                 "satisfaction": 2,
                 "summary": "Delivery times got worse this quarter.",
-            }
+            },
         )
     )
 
@@ -344,7 +442,7 @@ class InteractionData(Versioned):
     direction: Direction
     kind: InteractionKind
     occurred_at: Timestamp
-    satisfaction: StrictInt | None = Field(default=None, ge=1, le=5)
+    satisfaction: Annotated[StrictInt, Field(ge=1, le=5), WHOLE] | None = None
     summary: LongText | None = None
 
     @model_validator(mode="after")
@@ -384,7 +482,9 @@ class PaymentData(Versioned):
 
 
 class AccountEvent(AccountData):
-    model_config = ConfigDict(json_schema_extra=_versioned_schema())  # examples: /v1/events
+    model_config = ConfigDict(  # examples: /v1/events
+        json_schema_extra=_versioned_schema(rule=_CHURN_REASON_ONLY_WHEN_LOST)
+    )
 
     type: Literal["account"]
     external_id: ExternalId
@@ -416,7 +516,9 @@ class ContactEvent(ContactData):
 
 
 class InteractionEvent(InteractionData):
-    model_config = ConfigDict(json_schema_extra=_versioned_schema())  # examples: /v1/events
+    model_config = ConfigDict(  # examples: /v1/events
+        json_schema_extra=_versioned_schema(rule=_SATISFACTION_ONLY_FOR_SURVEYS)
+    )
 
     type: Literal["interaction"]
 

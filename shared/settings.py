@@ -6,7 +6,8 @@ from enum import StrEnum
 from functools import lru_cache
 from typing import Annotated, Self
 
-from pydantic import Field, model_validator
+from limits import parse as parse_limit
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -100,6 +101,10 @@ class Settings(BaseSettings):
     portfolio_pass_minutes: set[Minute] = Field(default={0}, min_length=1)
     portfolio_pass_timeout_s: int = Field(default=3600, ge=60)
 
+    # The scorer's own HTTP port: /metrics, /healthz, /readyz. None: no port.
+    scorer_http_host: str = "0.0.0.0"  # noqa: S104 - a probe port, reached by the orchestrator
+    scorer_http_port: int | None = Field(default=9464, ge=0, le=65535)
+
     # Webhooks (DESIGN section 6).
     webhook_timeout_s: float = Field(
         default=10.0, gt=0, le=60, description="Whole-request limit of one delivery attempt."
@@ -144,8 +149,36 @@ class Settings(BaseSettings):
         default=5, ge=1, le=60, description="How often due deliveries are re-driven from Postgres."
     )
 
+    # Rate limits (the `limits` notation: "200/second", "1000/minute"), shared by all replicas
+    # through Redis.
+    rate_limit_enabled: bool = True
+    rate_limit_writes: str = Field(default="200/second", description="Writes per API key.")
+    rate_limit_reads: str = Field(default="100/second", description="Reads per API key.")
+    rate_limit_failed_auth: str = Field(
+        default="30/minute",
+        description="Failed authentications per client address; past it the address is "
+        "locked out until the window ends.",
+    )
+
+    # Privacy.
+    raw_payload_retention_days: int = Field(
+        default=90,
+        ge=1,
+        description="Days a raw event's body is kept; after that only its hash and metadata "
+        "stay (the scorer drops the bodies daily).",
+    )
+
     # Development only: where `kam dev` keeps the embedded Postgres and Redis.
     data_dir: str = ".kam"
+
+    @field_validator("rate_limit_writes", "rate_limit_reads", "rate_limit_failed_auth")
+    @classmethod
+    def _rate_limit(cls, value: str) -> str:
+        try:
+            parse_limit(value)
+        except ValueError as exc:
+            raise ValueError(f"not a rate limit: {value!r} (e.g. '200/second')") from exc
+        return value
 
     @model_validator(mode="after")
     def _require_real_servers_outside_dev(self) -> Self:

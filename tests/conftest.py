@@ -109,6 +109,11 @@ def settings(database_url: str, service_urls: tuple[str, str]) -> Settings:
         # The webhook receiver of the tests listens on loopback; a hung one is cut after 1 s.
         webhook_allowed_hosts={"127.0.0.1"},
         webhook_timeout_s=1.0,
+        # The suite sends many wrong keys from one address; tests/test_ratelimit.py sets its own.
+        rate_limit_failed_auth="100000/minute",
+        rate_limit_writes="100000/minute",
+        rate_limit_reads="100000/minute",
+        scorer_http_port=None,  # tests/test_scorer_probes.py opens one of its own
     )
 
 

@@ -3,10 +3,12 @@ must never get a 5xx, and every answer must match what the schema documents (sta
 content type, body schema, headers), with and without credentials.
 
 One check is left out: ``positive_data_acceptance`` ("every schema-valid request gets a 2xx").
-Some rules cannot be said in JSON Schema and are documented in prose instead: an opaque
-pagination cursor, an account that names itself as its parent, ``satisfaction`` on anything
-but a survey, ``churn_reason`` on an active account. Those requests are schema-valid and
-rightly answered 4xx.
+Some rules cannot be said in JSON Schema (or not without misleading schema tools) and are
+documented in prose instead: an opaque pagination cursor, timestamps in the years 1900-2200,
+decimals of at most 14 digits, a policy's thresholds in order, an override's expiry in the
+future, a webhook host that resolves to a public address, an account that names itself as its
+parent. Those requests are schema-valid and rightly answered 4xx. (``satisfaction`` only on
+surveys and ``churn_reason`` only on lost accounts are stated in the schema, as if/then.)
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ def live_url(settings: Settings) -> Iterator[str]:
         "KAM_REDIS_URL": settings.redis_url,
         "KAM_QUEUE_NAME": settings.queue_name,
         "KAM_ENV": "test",
+        "KAM_RATE_LIMIT_FAILED_AUTH": settings.rate_limit_failed_auth,
+        "KAM_RATE_LIMIT_WRITES": settings.rate_limit_writes,
+        "KAM_RATE_LIMIT_READS": settings.rate_limit_reads,
         "KAM_LOG_LEVEL": "WARNING",
     }
     server = subprocess.Popen(  # noqa: S603

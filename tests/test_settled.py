@@ -85,7 +85,7 @@ async def test_after_a_demo_load_and_a_quiet_minute_further_passes_change_nothin
         settled = latest[1]
         assert settled.generation == first_fit.generation + 1
         assert settled.accounts_with_orders >= 150
-        assert settled.bgnbd_source == "fitted"
+        assert settled.bgnbd_source == "fitted", settled.fit_notes
         assert await passes.settling_reason(s) is None
     assert await jobs.settle_population(ctx) is False  # nothing left to settle
 

@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.api.errors import Forbidden, Unauthorized
 from services.api.keys.service import Principal
+from services.api.ratelimit import RateLimiter, client_address
 from shared.enums import Scope
 from shared.queue import (
     DELIVER_AFTER_COMMIT,
@@ -63,12 +64,20 @@ async def current_principal(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
     challenge = {"WWW-Authenticate": "Bearer"}
+    limiter: RateLimiter = request.app.state.rate_limiter
+    address = client_address(request.client)
+    limiter.check_address(address)
     if credentials is None or credentials.scheme.lower() != "bearer":
+        await limiter.authentication_failed(address)
         raise Unauthorized("Send an API key as 'Authorization: Bearer <key>'.", headers=challenge)
-    principal = await request.app.state.key_verifier.verify(session, credentials.credentials)
+    principal: Principal | None = await request.app.state.key_verifier.verify(
+        session, credentials.credentials
+    )
     if principal is None:
+        await limiter.authentication_failed(address)
         raise Unauthorized("The API key is unknown or revoked.", headers=challenge)
-    return principal  # type: ignore[no-any-return]
+    await limiter.check_key(principal.key_id, request.method)
+    return principal
 
 
 CurrentKey = Annotated[Principal, Depends(current_principal)]

@@ -22,6 +22,8 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
 
+from services.request_id import REQUEST_ID
+
 log = structlog.get_logger(__name__)
 
 PROBLEM_JSON = "application/problem+json"
@@ -45,6 +47,9 @@ class Problem(BaseModel):
     instance: str | None = None
     errors: list[FieldError] | None = Field(
         default=None, description="For validation problems: every invalid field."
+    )
+    request_id: str | None = Field(
+        default=None, description="The request's id (`X-Request-ID`), to quote to an operator."
     )
 
 
@@ -140,6 +145,7 @@ def problem_response(
         detail=detail,
         instance=instance,
         errors=errors,
+        request_id=REQUEST_ID.get(),
     ).model_dump(exclude_none=True)
     return JSONResponse(body, status_code=status_code, headers=headers, media_type=PROBLEM_JSON)
 

@@ -5,6 +5,7 @@ kam api | kam scorer         one process each, for production
 kam migrate                  upgrade the database to the newest schema
 kam keys create|list|revoke  API keys
 kam demo --accounts N        send a synthetic portfolio through the HTTP API
+                             (to --host/--port, $KAM_HOST/$KAM_PORT, like kam dev)
 kam backtest --orders F.csv --cutoff DATE   check the retention risk on your own history
 """
 
@@ -14,6 +15,7 @@ import argparse
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -163,27 +165,67 @@ def run_scorer(roles: Sequence[str]) -> None:
     run_scorer_process(settings, roles=chosen or list(Role))
 
 
+def port_in_use(host: str, port: int) -> bool:
+    """Whether something listens on (or holds) ``host:port`` already."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
 def run_dev(host: str, port: int) -> int:
     """Embedded Postgres and Redis when no URLs are set, migrations, a first admin key, and the
     API and scorer as child processes. Ctrl-C stops all of it."""
     settings = get_settings()
+    scorer_port = _dev_scorer_port(settings, port)
+    for wanted, what in ((port, "the API"), (scorer_port, "the scorer's metrics")):
+        if wanted and port_in_use(host, wanted):
+            raise SystemExit(
+                f"port {wanted} on {host} (for {what}) is in use: stop what holds it, or pick "
+                f"another port: make run PORT={port + 10} (kam dev --port {port + 10})"
+            )
     if settings.database_url and settings.redis_url:
-        return _supervise(settings.database_url, settings.redis_url, host, port)
+        return _supervise(settings.database_url, settings.redis_url, host, port, scorer_port)
     from services.cli.embedded import embedded_services
 
     data_dir = Path(settings.data_dir)
     print(f"starting embedded Postgres and Redis under {data_dir.resolve()}", flush=True)
+    if not settings.database_url and hasattr(os, "geteuid") and os.geteuid() == 0:
+        print(
+            "running as root: Postgres refuses root, so the embedded one runs as the system "
+            "user 'pgserver' (created with useradd if missing); the folders above its data and "
+            "binaries are made readable and traversable for it (see README, First run)",
+            flush=True,
+        )
     with embedded_services(data_dir) as urls:
         return _supervise(
             settings.database_url or urls.database_url,
             settings.redis_url or urls.redis_url,
             host,
             port,
+            scorer_port,
         )
 
 
-def _supervise(database_url: str, redis_url: str, host: str, port: int) -> int:
-    env = {**os.environ, "KAM_DATABASE_URL": database_url, "KAM_REDIS_URL": redis_url}
+def _dev_scorer_port(settings: Settings, port: int) -> int:
+    """The scorer's metrics port under ``kam dev``: the one set, else the API's port + 1, so two
+    checkouts running side by side on different ports do not collide."""
+    if "KAM_SCORER_HTTP_PORT" in os.environ:
+        return settings.scorer_http_port or 0
+    return port + 1
+
+
+def _supervise(database_url: str, redis_url: str, host: str, port: int, scorer_port: int) -> int:
+    env = {
+        **os.environ,
+        "KAM_DATABASE_URL": database_url,
+        "KAM_REDIS_URL": redis_url,
+        "KAM_SCORER_HTTP_HOST": host,
+    }
+    if scorer_port:
+        env["KAM_SCORER_HTTP_PORT"] = str(scorer_port)
     os.environ.update(env)
     get_settings.cache_clear()
     settings = get_settings()
@@ -206,12 +248,17 @@ def _supervise(database_url: str, redis_url: str, host: str, port: int) -> int:
         ),
         subprocess.Popen([*kam, "scorer"], env=env, start_new_session=True),  # noqa: S603
     ]
-    print(
-        f"KAM is running: http://{host}:{port} (docs at http://{host}:{port}/docs). "
-        "Ctrl-C stops it.",
-        flush=True,
-    )
     stopping = False
+    if _wait_until_serving(host, port, children[0]):
+        print(
+            f"KAM is running: http://{host}:{port} (docs at http://{host}:{port}/docs"
+            + (f", scorer metrics at http://{host}:{scorer_port}/metrics" if scorer_port else "")
+            + "). Ctrl-C stops it.",
+            flush=True,
+        )
+    else:
+        print(f"the API did not start on {host}:{port}; see the lines above", flush=True)
+        stopping = True
 
     def stop(signum: int, frame: object) -> None:
         nonlocal stopping
@@ -236,20 +283,51 @@ def _supervise(database_url: str, redis_url: str, host: str, port: int) -> int:
     return 1 if failed and not stopping else 0
 
 
+def _wait_until_serving(host: str, port: int, api: subprocess.Popen[bytes]) -> bool:
+    """Whether the API answers /healthz before it exits or a minute passes."""
+    import httpx
+
+    shown = f"[{host}]" if ":" in host else host
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and api.poll() is None:
+        try:
+            if httpx.get(f"http://{shown}:{port}/healthz", timeout=1).status_code == 200:
+                return True
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    return False
+
+
+def _default_port() -> int:
+    return int(os.environ.get("KAM_PORT") or 8000)
+
+
+def _default_host() -> str:
+    return os.environ.get("KAM_HOST") or "127.0.0.1"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kam", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    dev = sub.add_parser("dev", help="run everything locally (embedded services if no URLs)")
-    dev.add_argument("--host", default="127.0.0.1")
-    dev.add_argument("--port", type=int, default=8000)
+    address = "(default: $KAM_HOST, else 127.0.0.1)", "(default: $KAM_PORT, else 8000)"
+    dev = sub.add_parser(
+        "dev",
+        help="run everything locally (embedded services if no URLs)",
+        description="Embedded Postgres and Redis unless KAM_DATABASE_URL / KAM_REDIS_URL are "
+        "set, migrations, a first admin key (printed once), then the API and the scorer "
+        "(its metrics on the API's port + 1, or KAM_SCORER_HTTP_PORT). Ctrl-C stops it all.",
+    )
+    dev.add_argument("--host", default=_default_host(), help=f"address to serve on {address[0]}")
+    dev.add_argument("--port", type=int, default=_default_port(), help=f"port {address[1]}")
 
     api = sub.add_parser("api", help="run the HTTP API")
-    api.add_argument("--host", default="127.0.0.1")
-    api.add_argument("--port", type=int, default=8000)
-    api.add_argument("--workers", type=int, default=1)
+    api.add_argument("--host", default=_default_host(), help=f"address to serve on {address[0]}")
+    api.add_argument("--port", type=int, default=_default_port(), help=f"port {address[1]}")
+    api.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
 
     scorer = sub.add_parser(
         "scorer",
@@ -277,16 +355,28 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = keys_sub.add_parser("revoke", help="revoke a key by prefix or id")
     revoke.add_argument("key")
 
-    demo = sub.add_parser("demo", help="send a synthetic portfolio through the HTTP API")
-    demo.add_argument("--accounts", type=int, default=200)
-    demo.add_argument("--url", default=os.environ.get("KAM_URL", "http://127.0.0.1:8000"))
+    demo = sub.add_parser(
+        "demo",
+        help="send a synthetic portfolio through the HTTP API",
+        description="Generate a realistic synthetic portfolio (accounts, managers, contacts, "
+        "orders, interactions, payments over the last years) and send it to a running KAM "
+        "through its HTTP API, as a producer would.",
+    )
+    demo.add_argument("--accounts", type=int, default=200, help="accounts to create (200)")
+    demo.add_argument("--host", default=_default_host(), help=f"the API's address {address[0]}")
+    demo.add_argument("--port", type=int, default=_default_port(), help=f"its port {address[1]}")
+    demo.add_argument(
+        "--url",
+        default=os.environ.get("KAM_URL"),
+        help="the API's base URL, instead of --host/--port (default: $KAM_URL)",
+    )
     demo.add_argument(
         "--api-key",
         default=os.environ.get("KAM_API_KEY"),
         help="a key with events:write (default: $KAM_API_KEY)",
     )
-    demo.add_argument("--seed", type=int, default=7)
-    demo.add_argument("--years", type=float, default=2.0)
+    demo.add_argument("--seed", type=int, default=7, help="random seed: same seed, same data")
+    demo.add_argument("--years", type=float, default=2.0, help="years of history (2)")
 
     backtest = sub.add_parser(
         "backtest",
@@ -303,7 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="CSV with a header: account_id,date,amount[,cost]; one row per order",
     )
     backtest.add_argument("--cutoff", required=True, metavar="DATE", help="e.g. 2024-06-30")
-    backtest.add_argument("--horizon-days", type=int, default=90)
+    backtest.add_argument(
+        "--horizon-days", type=int, default=90, help="days after the cutoff that count (90)"
+    )
     backtest.add_argument("--json", action="store_true", help="the report as JSON")
     return parser
 
@@ -339,8 +431,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             if not args.api_key:
                 raise SystemExit("--api-key (or KAM_API_KEY) is required")
+            host = f"[{args.host}]" if ":" in args.host else args.host
             return run_demo(
-                url=args.url,
+                url=args.url or f"http://{host}:{args.port}",
                 api_key=args.api_key,
                 accounts=args.accounts,
                 seed=args.seed,

@@ -28,6 +28,12 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 RESOLVE_TIMEOUT_S = 3.0
 
 
+NOT_ALLOWED = (
+    "The URL's host is not allowed: webhooks go to hosts that resolve, from here, to public "
+    "addresses only."
+)
+
+
 class UnsafeTarget(ValueError):
     """The URL may not receive webhooks; the message says why, for the subscriber."""
 
@@ -90,14 +96,11 @@ async def resolve_target(url: str, *, allowed_hosts: Collection[str]) -> Target:
         return Target(url=url, host=host, host_header=parts.netloc, address=None)
     port = parts.port or 443
     addresses = await _addresses(host, port)
-    if not addresses:
-        raise UnsafeTarget(f"The host {host!r} does not resolve.")
-    refused = [a for a in addresses if blocked_address(a)]
-    if refused:
-        raise UnsafeTarget(
-            f"The host {host!r} resolves to {refused[0]}, an address webhooks may not reach "
-            "(private, loopback, link-local, reserved, multicast or unspecified)."
-        )
+    # One answer for a name that does not resolve and one that resolves to a blocked address,
+    # and never the address: the caller must not learn what names resolve to inside the
+    # service's network.
+    if not addresses or any(blocked_address(a) for a in addresses):
+        raise UnsafeTarget(NOT_ALLOWED)
     address = addresses[0]
     literal = f"[{address}]" if address.version == 6 else str(address)
     netloc = f"{literal}:{parts.port}" if parts.port else literal

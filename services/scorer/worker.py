@@ -35,8 +35,10 @@ from arq.worker import Worker, func
 from redis.exceptions import RedisError
 
 from services.scorer import jobs
+from services.scorer.observability import instrument, start_probe_server, start_tracing
 from services.scorer.outage import Outage
 from services.scorer.reclaim import HEARTBEAT_S, HELD_TTL_S, held_key
+from services.scorer.retention import expire_raw_payloads
 from shared.db import create_engine, create_sessionmaker
 from shared.queue import (
     DELIVER_WEBHOOKS,
@@ -238,7 +240,17 @@ def _role_kwargs(role: Role, settings: Settings) -> dict[str, Any]:
                 unique=True,
                 keep_result=0,
                 timeout=settings.portfolio_pass_timeout_s,
-            )
+            ),
+            # Daily, at a quiet minute: raw event bodies past their retention period.
+            cron(
+                expire_raw_payloads,
+                hour={3},
+                minute={17},
+                second=0,
+                unique=True,
+                keep_result=0,
+                timeout=3600,
+            ),
         ],
         "max_jobs": 1,
         "job_timeout": settings.portfolio_pass_timeout_s,
@@ -275,7 +287,7 @@ class Scorer:
                 **_role_kwargs(role, settings),
             )
             self.ctx["in_progress_ttl_s"][worker.queue_name] = in_progress_ttl_s(worker)
-            self.workers.append(worker)
+            self.workers.append(instrument(worker))
 
     @property
     def queues(self) -> list[str]:
@@ -298,6 +310,8 @@ class Scorer:
             return
         ctx["engine"] = create_engine(self.settings)
         ctx["sessionmaker"] = create_sessionmaker(ctx["engine"])
+        ctx["probe_server"] = await start_probe_server(ctx)
+        start_tracing(ctx)
         log.info("scorer_started", queues=self.queues)
 
     async def main(self) -> None:
@@ -319,6 +333,8 @@ class Scorer:
             worker.handle_sig_wait_for_completion(signum)
 
     async def close(self) -> None:
+        if self.ctx.get("probe_server") is not None:
+            await self.ctx["probe_server"].stop()
         await asyncio.gather(*(worker.close() for worker in self.workers))
         if "engine" in self.ctx:
             await self.ctx["engine"].dispose()

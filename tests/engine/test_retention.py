@@ -302,3 +302,18 @@ def test_a_weighted_fit_counts_accounts_not_rows() -> None:
     assert params.n == 30
     with pytest.raises(InsufficientDataError):
         fit_bgnbd([0, 2, 5], [0, 100, 300], [400, 400, 400], weights=[5, 5, 5])
+
+
+def test_the_same_drop_out_chance_for_every_account_is_a_converged_fit() -> None:
+    # Beta(a, b) with a and b huge: every account drops out with p = 0.02 after an order. The
+    # fit runs a and b up their ridge to the box edge; the predictions are those of the truth.
+    truth = BgNbdParams(r=1.5, alpha=40.0, a=2_000.0, b=98_000.0)
+    cohort = _cohort(truth, seed=5)
+    fit = fit_bgnbd(cohort.x, cohort.t_x, cohort.T)
+    assert fit.converged
+    assert fit.a > 50
+    assert fit.b > 50
+    assert abs(fit.a / (fit.a + fit.b) - 0.02) < 0.01
+    ours = p_no_purchase_within(fit, cohort.x, cohort.t_x, cohort.T, HORIZON)
+    true = p_no_purchase_within(truth, cohort.x, cohort.t_x, cohort.T, HORIZON)
+    assert float(np.max(np.abs(ours - true))) < 0.05

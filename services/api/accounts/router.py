@@ -32,6 +32,7 @@ from services.api.accounts.schemas import (
     TierOverrideState,
 )
 from services.api.accounts.service import set_tier_override
+from services.api.body import JsonBodyRoute
 from services.api.deps import SessionDep, require
 from services.api.errors import NotFound, problems
 from services.api.keys.service import Principal
@@ -47,15 +48,15 @@ from shared.models import (
     ScoreSnapshot,
     TierChange,
 )
-from shared.schemas import ExternalId, ShortText, Timestamp
+from shared.schemas import ExternalId, ShortText, Timestamp, shown_version
 
 Row = TypeVarTuple("Row")
-router = APIRouter(prefix="/v1/accounts", tags=["accounts"])
+router = APIRouter(prefix="/v1/accounts", tags=["accounts"], route_class=JsonBodyRoute)
 
 Reader = Annotated[Principal, Depends(require(Scope.accounts_read))]
 Overrider = Annotated[Principal, Depends(require(Scope.tiers_override))]
 AccountId = Annotated[ExternalId, Path(description="The producer's id of the account.")]
-_ERRORS = problems(401, 403, 404, 422, 503)
+_ERRORS = problems(400, 401, 403, 404, 422, 503)  # 400: a cursor that is not one
 
 _parent = aliased(Account)
 
@@ -206,7 +207,7 @@ async def get_account(external_id: AccountId, session: SessionDep, _: Reader) ->
             "payment_terms_days": account.payment_terms_days,
             "strategic_fit": account.strategic_fit,
             "churn_reason": account.churn_reason,
-            "version": account.source_version,
+            "version": shown_version(account.source_version),
             "counts": Counts(
                 orders=counts[0], contacts=counts[1], interactions=counts[2], payments=counts[3]
             ),
@@ -257,7 +258,7 @@ async def list_orders(
                     "currency": o.currency,
                     "status": o.status,
                     "lines": o.lines,
-                    "version": o.source_version,
+                    "version": shown_version(o.source_version),
                 }
             )
             for o in page
@@ -272,10 +273,16 @@ async def list_orders(
     "/{external_id}/interactions", summary="List an account's interactions", responses=_ERRORS
 )
 async def list_interactions(
-    external_id: AccountId, session: SessionDep, _: Reader, limit: Limit = 50, cursor: Cursor = None
+    external_id: AccountId,
+    session: SessionDep,
+    principal: Reader,
+    limit: Limit = 50,
+    cursor: Cursor = None,
 ) -> InteractionPage:
-    """Calls, visits, complaints and surveys of the account, newest first. Needs
-    `accounts:read`."""
+    """Calls, visits, complaints and surveys of the account, newest first. The free-text
+    `summary` may hold personal data: it is included only for keys with scope `pii:read`.
+    Needs `accounts:read`."""
+    with_pii = principal.has(Scope.pii_read)
     account_id = await _account_id(session, external_id)
     query = _newest_first(
         select(Interaction, Contact.external_id)
@@ -298,8 +305,8 @@ async def list_interactions(
                     "kind": i.kind,
                     "occurred_at": i.occurred_at,
                     "satisfaction": i.satisfaction,
-                    "summary": i.summary,
-                    "version": i.source_version,
+                    "summary": i.summary if with_pii else None,
+                    "version": shown_version(i.source_version),
                 }
             )
             for i, contact in page
@@ -307,6 +314,7 @@ async def list_interactions(
         next_cursor=(
             encode_cursor(page[-1][0].occurred_at, page[-1][0].id) if len(rows) > limit else None
         ),
+        pii_included=with_pii,
     )
 
 
@@ -335,7 +343,7 @@ async def list_contacts(
             "external_id": c.external_id,
             "role": c.role,
             "erased": c.erased_at is not None,
-            "version": c.source_version,
+            "version": shown_version(c.source_version),
         }
         if with_pii:
             item |= {

@@ -131,7 +131,7 @@ class OrderOut(BaseModel):
     currency: str
     status: OrderStatus
     lines: list[OrderLineOut]
-    version: int
+    version: int | None = Field(description="The producer version; none if it sent none.")
 
 
 class OrderPage(BaseModel):
@@ -147,13 +147,14 @@ class InteractionOut(BaseModel):
     kind: InteractionKind
     occurred_at: datetime
     satisfaction: int | None
-    summary: str | None
-    version: int
+    summary: str | None = Field(description="Free text; only for keys with `pii:read`.")
+    version: int | None = Field(description="The producer version; none if it sent none.")
 
 
 class InteractionPage(BaseModel):
     items: list[InteractionOut]
     next_cursor: str | None
+    pii_included: bool = Field(description="Whether the free-text summaries were included.")
 
 
 class ContactOut(BaseModel):
@@ -245,6 +246,7 @@ class TierOverrideIn(BaseModel):
         default=None,
         description="When the override lapses and the scored tier applies again; must be in "
         "the future. Omit for an override that holds until it is lifted.",
+        examples=["2030-06-30T00:00:00Z"],
     )
 
     @field_validator("reason")

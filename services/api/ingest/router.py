@@ -9,6 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Path, Request, status
 from pydantic import TypeAdapter, ValidationError
 
+from services.api.body import JsonBodyRoute, json_syntax_problem
 from services.api.deps import SessionDep, require
 from services.api.errors import (
     FieldError,
@@ -17,15 +18,17 @@ from services.api.errors import (
     problems,
     summarize,
 )
+from services.api.ingest.reuse import refuse_reused, reuse_error, reused_positions
 from services.api.ingest.schemas import (
     BatchResult,
     EventAck,
     ItemResult,
     batch_item_event_id,
 )
-from services.api.ingest.service import AnyEvent, ingest_events, received_document
+from services.api.ingest.service import AnyEvent, event_type, ingest_events, received_document
 from services.api.keys.service import Principal
-from shared.enums import ItemStatus, Scope
+from services.api.observability import count_ingested
+from shared.enums import EventType, ItemStatus, Scope
 from shared.schemas import (
     AccountData,
     AccountEvent,
@@ -41,16 +44,19 @@ from shared.schemas import (
 )
 from shared.settings import Settings
 
-router = APIRouter(prefix="/v1", tags=["ingestion"])
+router = APIRouter(prefix="/v1", tags=["ingestion"], route_class=JsonBodyRoute)
 
 Writer = Annotated[Principal, Depends(require(Scope.events_write))]
 PathId = Annotated[ExternalId, Path(description="The producer's id of the entity.")]
-_ERRORS = problems(400, 401, 403, 413, 422, 503)
+_ERRORS = problems(400, 401, 403, 409, 413, 415, 422, 429, 503)
 _event_adapter: TypeAdapter[Any] = TypeAdapter(Event)
 
 
 async def _ingest_one(session: SessionDep, principal: Principal, event: AnyEvent) -> EventAck:
     [outcome] = await ingest_events(session, [event], api_key_id=principal.key_id)
+    if outcome is ItemStatus.duplicate:
+        await refuse_reused(session, event)
+    count_ingested([(event_type(event).value, outcome.value)])
     return EventAck(event_id=event.event_id, status=outcome)
 
 
@@ -158,7 +164,7 @@ async def post_payment(body: PaymentData, session: SessionDep, principal: Writer
     "/events",
     status_code=status.HTTP_202_ACCEPTED,
     summary="Send a mixed batch of events",
-    responses=problems(400, 401, 403, 413, 422, 503),
+    responses=problems(400, 401, 403, 413, 415, 422, 429, 503),
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -182,20 +188,31 @@ async def post_events(request: Request, session: SessionDep, principal: Writer) 
     whole = _valid_batch(raw, settings.max_batch_events)
     if whole is not None:
         events, received = whole
+        types = [event_type(event).value for event in events]
         statuses = await ingest_events(
             session, events, api_key_id=principal.key_id, received=received
         )
+        reused = await reused_positions(
+            session,
+            [
+                (event.event_id, index)
+                for index, (event, outcome) in enumerate(zip(events, statuses, strict=True))
+                if outcome is ItemStatus.duplicate
+            ],
+            received,
+        )
         results = [
-            ItemResult(index=index, event_id=event.event_id, status=outcome)
+            _result(index, event.event_id, outcome, index in reused)
             for index, (event, outcome) in enumerate(zip(events, statuses, strict=True))
         ]
     else:
-        results = await _ingest_item_by_item(
-            session, principal, _parse_envelope(raw, settings.max_batch_events)
-        )
+        items = _parse_envelope(raw, settings.max_batch_events)
+        types = [_item_type(item) for item in items]
+        results = await _ingest_item_by_item(session, principal, items)
     counts = {s: 0 for s in ItemStatus}
     for r in results:
         counts[r.status] += 1
+    count_ingested((types[r.index], r.status.value) for r in results)
     return BatchResult(
         accepted=counts[ItemStatus.accepted] + counts[ItemStatus.stale],
         stale=counts[ItemStatus.stale],
@@ -251,25 +268,51 @@ async def _ingest_item_by_item(
                     errors=errors,
                 )
             )
+    document = received_document(payloads)
     statuses = await ingest_events(
+        session, [event for _, event in valid], api_key_id=principal.key_id, received=document
+    )
+    reused = await reused_positions(
         session,
-        [event for _, event in valid],
-        api_key_id=principal.key_id,
-        received=received_document(payloads),
+        [
+            (event.event_id, position)
+            for position, ((_, event), outcome) in enumerate(zip(valid, statuses, strict=True))
+            if outcome is ItemStatus.duplicate
+        ],
+        document,
     )
     results.extend(
-        ItemResult(index=index, event_id=event.event_id, status=outcome)
-        for (index, event), outcome in zip(valid, statuses, strict=True)
+        _result(index, event.event_id, outcome, position in reused)
+        for position, ((index, event), outcome) in enumerate(zip(valid, statuses, strict=True))
     )
     results.sort(key=lambda r: r.index)
     return results
 
 
+def _item_type(item: Any) -> str:
+    kind = item.get("type") if isinstance(item, dict) else None
+    return kind if kind in _EVENT_TYPES else "unknown"
+
+
+_EVENT_TYPES = frozenset(t.value for t in EventType)
+
+
+def _result(index: int, event_id: str, outcome: ItemStatus, reused: bool) -> ItemResult:
+    if outcome is ItemStatus.duplicate and reused:
+        return ItemResult(
+            index=index,
+            event_id=event_id,
+            status=ItemStatus.rejected,
+            errors=[reuse_error(f"events.{index}.event_id")],
+        )
+    return ItemResult(index=index, event_id=event_id, status=outcome)
+
+
 def _parse_envelope(raw: bytes, max_events: int) -> list[Any]:
     try:
-        body = json.loads(raw)
+        body = json.loads(raw.decode("utf-8"))
     except (ValueError, RecursionError):
-        raise Unprocessable(
+        raise json_syntax_problem(raw) or Unprocessable(
             "The body is not valid JSON.",
             errors=[FieldError(field="body", message="invalid JSON", type="json_invalid")],
         ) from None

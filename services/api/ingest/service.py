@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from services.api.deps import RESCORE_AFTER_COMMIT
 from shared.enums import EventType, ItemStatus
 from shared.schemas import (
+    UNVERSIONED,
     AccountEvent,
     ContactData,
     InteractionData,
@@ -430,10 +431,16 @@ RETURNING {self.key}
 
     @property
     def _on_conflict(self) -> str:
+        stored = f"{self.table}.source_version"
         updates = ", ".join(
-            f"{name} = EXCLUDED.{name}" for name, _ in self.columns if name != self.key
+            # An unversioned event (-1) leaves the stored version as it was.
+            f"{name} = GREATEST({stored}, EXCLUDED.{name})"
+            if name == "source_version"
+            else f"{name} = EXCLUDED.{name}"
+            for name, _ in self.columns
+            if name != self.key
         )
-        guard = f"{self.table}.source_version < EXCLUDED.source_version"
+        guard = f"EXCLUDED.source_version = {UNVERSIONED} OR {stored} < EXCLUDED.source_version"
         if self.stubs:
             guard = f"{self.table}.source_version IS NULL OR {guard}"
         return (
@@ -697,7 +704,7 @@ async def _apply(
     for f in group:
         key = entity_key(f.event)
         held = newest.get(key)
-        if held is None or f.event.source_version > held.event.source_version:
+        if held is None or _newer(f.event.source_version, held.event.source_version):
             newest[key] = f
     winners = [newest[key] for key in sorted(newest)]
 
@@ -718,6 +725,12 @@ async def _apply(
     columns = [list(column) for column in zip(*rows, strict=True)]
     applied_keys = {row[0] for row in await _rows(session, upsert.sql, *columns)}
     return {f.index for f in winners if entity_key(f.event) in applied_keys}
+
+
+def _newer(later: int, earlier: int) -> bool:
+    """Whether the later-received of two events for one entity wins: by version when both
+    carry one, by arrival when either does not (as if applied one after the other)."""
+    return UNVERSIONED in (later, earlier) or later > earlier
 
 
 def _one_statement(event: AnyEvent) -> _Upsert | None:

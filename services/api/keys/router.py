@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Path, Request, status
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from services.api.body import JsonBodyRoute
 from services.api.deps import SessionDep, require
 from services.api.errors import NotFound, problems
 from services.api.keys.service import (
@@ -20,7 +21,7 @@ from services.api.keys.service import (
 from shared.enums import Scope
 from shared.models import ApiKey
 
-router = APIRouter(prefix="/v1/api-keys", tags=["api keys"])
+router = APIRouter(prefix="/v1/api-keys", tags=["api keys"], route_class=JsonBodyRoute)
 Admin = Annotated[Principal, Depends(require(Scope.admin))]
 
 

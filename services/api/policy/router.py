@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query
 
+from services.api.body import JsonBodyRoute
 from services.api.deps import PORTFOLIO_AFTER_COMMIT, SessionDep, require
 from services.api.errors import problems
 from services.api.keys.service import Principal
@@ -17,7 +18,7 @@ from shared.models import ScoringPolicy as ScoringPolicyRow
 from shared.policy import ScoringPolicy
 from shared.schemas import PolicyPreview
 
-router = APIRouter(prefix="/v1/scoring-policy", tags=["scoring policy"])
+router = APIRouter(prefix="/v1/scoring-policy", tags=["scoring policy"], route_class=JsonBodyRoute)
 
 Reader = Annotated[Principal, Depends(require(Scope.accounts_read))]
 PolicyWriter = Annotated[Principal, Depends(require(Scope.policy_write))]

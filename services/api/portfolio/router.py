@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Path, Request, status
 from sqlalchemy import select
 
+from services.api.body import JsonBodyRoute
 from services.api.deps import SessionDep, require
 from services.api.errors import NotFound, ServiceUnavailable, problems
 from services.api.keys.service import Principal
@@ -23,7 +24,7 @@ from shared.queue import enqueue_portfolio_pass
 from shared.schemas import ExternalId
 from shared.settings import Settings
 
-router = APIRouter(prefix="/v1", tags=["portfolio"])
+router = APIRouter(prefix="/v1", tags=["portfolio"], route_class=JsonBodyRoute)
 
 Reader = Annotated[Principal, Depends(require(Scope.accounts_read))]
 PolicyWriter = Annotated[Principal, Depends(require(Scope.policy_write))]

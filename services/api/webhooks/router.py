@@ -10,6 +10,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Path, Query, Request, Response, status
 from sqlalchemy import select
 
+from services.api.body import JsonBodyRoute
 from services.api.deps import SessionDep, require
 from services.api.errors import Conflict, NotFound, problems
 from services.api.keys.service import Principal
@@ -41,7 +42,7 @@ from shared.enums import DeliveryStatus, Scope, WebhookEventType
 from shared.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint, WebhookEvent
 from shared.settings import Settings
 
-router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
+router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"], route_class=JsonBodyRoute)
 
 Manager = Annotated[Principal, Depends(require(Scope.webhooks_manage))]
 EndpointId = Annotated[uuid.UUID, Path(description="The endpoint's id.")]

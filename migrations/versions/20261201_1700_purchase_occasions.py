@@ -3,8 +3,8 @@ population facts each account's figures were computed with and the basis of its 
 late-payment rule of stored policies
 
 Revision ID: 5d2b8e4a7c13
-Revises: 3a7e5c1f9d24
-Create Date: 2026-12-01 16:00:00+00:00
+Revises: 8e4a1f6c3b27
+Create Date: 2026-12-01 17:00:00+00:00
 """
 
 from collections.abc import Sequence
@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "5d2b8e4a7c13"
-down_revision: str | None = "3a7e5c1f9d24"
+down_revision: str | None = "8e4a1f6c3b27"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
