@@ -6,7 +6,7 @@ from enum import StrEnum
 from functools import lru_cache
 from typing import Annotated, Self
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -88,6 +88,23 @@ class Settings(BaseSettings):
         default=5, ge=1, le=60, description="How often due deliveries are re-driven from Postgres."
     )
 
+    # The workspace (/app/): people sign in with an API key for a signed session cookie.
+    session_secret: SecretStr | None = Field(
+        default=None,
+        description="Signs the workspace's session cookies (32+ random characters). The API "
+        "refuses to start without it in production; elsewhere a random one per process is used "
+        "when unset.",
+    )
+    session_ttl_s: int = Field(
+        default=8 * 3600, ge=60, description="How long a workspace sign-in lasts."
+    )
+    reporting_currency: str = Field(
+        default="EUR",
+        pattern=r"^[A-Z]{3}$",
+        description="The currency the workspace shows summed money in (amounts are summed as "
+        "sent, not converted).",
+    )
+
     # Development only: where `kam dev` keeps the embedded Postgres and Redis.
     data_dir: str = ".kam"
 
@@ -106,6 +123,7 @@ class Settings(BaseSettings):
                 raise ValueError(f"{', '.join(missing)} must be set in production")
             if self.webhook_allowed_hosts:
                 raise ValueError("KAM_WEBHOOK_ALLOWED_HOSTS must be empty in production")
+
         return self
 
 

@@ -22,12 +22,14 @@ from services.api.limits import BodySizeLimit
 from services.api.policy.router import router as policy_router
 from services.api.portfolio.router import router as portfolio_router
 from services.api.query import reject_unknown_query_params
+from services.api.web.assets import SecurityHeaders
+from services.api.web.router import install_workspace
 from services.api.webhooks.router import router as webhooks_router
 from services.logging import configure_logging
 from services.scorer.enqueue import create_redis
 from shared.db import create_engine, create_sessionmaker
 from shared.schemas import Event
-from shared.settings import Settings, get_settings
+from shared.settings import Environment, Settings, get_settings
 
 DESCRIPTION = """
 KAM keeps, for every customer account, its **key-account tier** and its **retention risk**,
@@ -51,6 +53,13 @@ computed from the order, contact, interaction and payment events that other syst
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    if settings.env is Environment.production:
+        secret = settings.session_secret.get_secret_value() if settings.session_secret else ""
+        if len(secret) < 32:
+            raise ValueError(
+                "KAM_SESSION_SECRET must be set in production (32+ random characters, e.g. "
+                "`openssl rand -hex 32`): it signs the workspace's session cookies"
+            )
     configure_logging(settings)
 
     @asynccontextmanager
@@ -76,11 +85,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description=DESCRIPTION,
         lifespan=lifespan,
         dependencies=[Depends(reject_unknown_query_params)],
+        # Served by the workspace from packaged assets: the default pages load from a CDN.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.key_verifier = KeyVerifier()
     install_error_handlers(app, retry_after_s=settings.retry_after_s)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(SecurityHeaders)
     for router in (
         health_router,
         ingest_router,
@@ -91,6 +104,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         webhooks_router,
     ):
         app.include_router(router)
+    install_workspace(app)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 

@@ -11,7 +11,9 @@ from sqlalchemy import select
 from services.api.deps import SessionDep, require
 from services.api.errors import NotFound, ServiceUnavailable, problems
 from services.api.keys.service import Principal
+from services.api.portfolio.defection import defection_analysis
 from services.api.portfolio.schemas import (
+    Defections,
     KpiTrend,
     ManagerPortfolio,
     ParetoCurve,
@@ -102,6 +104,20 @@ async def get_trend(session: SessionDep, principal: Reader) -> KpiTrend:
     restricted to a manager sees that manager's accounts. Needs scope `accounts:read`."""
     manager_id = await viewer_manager_id(session, principal)
     return KpiTrend(months=await kpi_trend(session, now=datetime.now(UTC), manager_id=manager_id))
+
+
+@router.get(
+    "/portfolio/lost",
+    summary="Defection analysis",
+    responses=problems(401, 403, 503),
+)
+async def get_lost(session: SessionDep, principal: Reader) -> Defections:
+    """The accounts lost in the last 12 months: their churn reasons aggregated (accounts and
+    the revenue of the 12 months before each was lost), and for every lost account the risk KAM
+    showed 30, 90 and 180 days before it was marked lost (did KAM see it coming?). A key
+    restricted to a manager sees that manager's accounts. Needs scope `accounts:read`."""
+    manager_id = await viewer_manager_id(session, principal)
+    return await defection_analysis(session, now=datetime.now(UTC), manager_id=manager_id)
 
 
 @router.get(

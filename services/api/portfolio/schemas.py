@@ -180,3 +180,36 @@ class PortfolioRescore(BaseModel):
     """The pass was handed to the scorer."""
 
     queued: bool
+
+
+class LostAccount(BaseModel):
+    external_id: str
+    name: str | None
+    churn_reason: str | None
+    tier: Tier | None = Field(description="The tier published when it was lost.")
+    manager_external_id: str | None
+    lost_at: datetime = Field(description="When the account was first sent as lost.")
+    revenue_12m_lost: Decimal = Field(description="Its placed orders of the 12 months before.")
+    risk_30d_before: float | None = Field(
+        description="The risk KAM showed 30 days before it was lost; null: not evaluated then."
+    )
+    risk_90d_before: float | None
+    risk_180d_before: float | None
+
+
+class ChurnReason(BaseModel):
+    reason: str = Field(description="The churn reason as recorded, or `not recorded`.")
+    accounts: int
+    revenue_12m_lost: Decimal
+
+
+class Defections(BaseModel):
+    """Accounts lost in the 12 months up to `evaluated_at`, their reasons, and whether KAM saw
+    it coming (the risk it showed 30, 90 and 180 days before)."""
+
+    evaluated_at: datetime
+    window_start: datetime
+    lost_accounts: int
+    revenue_12m_lost: Decimal
+    reasons: list[ChurnReason] = Field(description="By revenue lost, largest first.")
+    accounts: list[LostAccount] = Field(description="The most recently lost first.")

@@ -8,6 +8,7 @@ from decimal import Decimal
 from typing import TypeVarTuple
 
 from sqlalchemy import ColumnElement, Select, and_, func, select
+from sqlalchemy.dialects.postgresql import distinct_on
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.api.keys.service import Principal
@@ -375,7 +376,7 @@ async def kpi_trend(
             )
             .join(Account, Account.id == ScoreSnapshot.account_id)
             .where(ScoreSnapshot.computed_at >= first, ScoreSnapshot.computed_at <= now)
-            .distinct(snapshot_month, ScoreSnapshot.account_id)
+            .ext(distinct_on(snapshot_month, ScoreSnapshot.account_id))
             .order_by(
                 snapshot_month,
                 ScoreSnapshot.account_id,
