@@ -3,6 +3,8 @@
 # KAM_REDIS_URL are not set) an embedded Postgres and Redis are set up on first use.
 
 PYTHON ?= python3
+# The browser the workspace's tests drive (Debian's package; no browser is downloaded).
+CHROMIUM ?= /usr/bin/chromium
 VENV ?= .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
@@ -21,8 +23,9 @@ $(INSTALLED): pyproject.toml
 run: install ## set up and run the API and the scorer on http://127.0.0.1:8000
 	$(BIN)/kam dev
 
-test: install ## the whole suite against real Postgres and Redis
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+test: install ## the whole suite against real Postgres and Redis, and Chromium for the workspace
+	@test -x $(CHROMIUM) || { echo "make test: Chromium is missing ($(CHROMIUM)); the workspace's browser tests need it: apt-get install -y chromium" >&2; exit 1; }
+	KAM_CHROMIUM=$(CHROMIUM) $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: install ## ruff and mypy --strict (alembic check runs in the test suite)
 	$(BIN)/ruff check .

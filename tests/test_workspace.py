@@ -538,3 +538,30 @@ async def test_pareto_curve_marks_the_profit_core(
     trend = (await client.get("/v1/portfolio/trend", headers=admin_headers)).json()
     assert len(trend["months"]) == 12
     assert sum(float(m["gross_profit"]) for m in trend["months"]) == pytest.approx(10_000)
+
+
+def test_production_refuses_to_start_without_a_session_secret(settings: Settings) -> None:
+    from services.api.app import create_app
+    from shared.settings import Environment
+
+    production = settings.model_copy(update={"env": Environment.production})
+    with pytest.raises(ValueError, match="KAM_SESSION_SECRET"):
+        create_app(production)
+
+
+def test_make_test_fails_in_one_line_without_chromium() -> None:
+    import subprocess
+
+    result = subprocess.run(
+        ["make", "-s", "test", "CHROMIUM=/nonexistent/chromium"],  # noqa: S607
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode != 0
+    [line] = [text for text in result.stderr.splitlines() if "Chromium" in text]
+    assert "Chromium is missing (/nonexistent/chromium)" in line
+    assert "apt-get install -y chromium" in line
+    assert "passed" not in result.stdout  # no test ran

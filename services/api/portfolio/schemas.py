@@ -49,6 +49,7 @@ class TrendMonth(BaseModel):
     """One calendar month (UTC) of the KPI trend."""
 
     month: date
+    to_date: bool = Field(description="The month is not over yet: its figures are so far.")
     revenue: Decimal = Field(description="Placed orders of the month.")
     gross_profit: Decimal = Field(description="Of those with a known cost.")
     evaluated_accounts: int = Field(description="Accounts with an evaluation in the month.")
@@ -191,7 +192,8 @@ class LostAccount(BaseModel):
     lost_at: datetime = Field(description="When the account was first sent as lost.")
     revenue_12m_lost: Decimal = Field(description="Its placed orders of the 12 months before.")
     risk_30d_before: float | None = Field(
-        description="The risk KAM showed 30 days before it was lost; null: not evaluated then."
+        description="The risk KAM showed 30 days before it was lost; null: no evaluation with a "
+        "risk by then."
     )
     risk_90d_before: float | None
     risk_180d_before: float | None

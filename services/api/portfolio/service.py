@@ -407,6 +407,7 @@ async def kpi_trend(
         out.append(
             TrendMonth(
                 month=start.date(),
+                to_date=k == months - 1,
                 revenue=Decimal(revenue or 0).quantize(_CENT),
                 gross_profit=Decimal(profit or 0).quantize(_CENT),
                 evaluated_accounts=evaluated,

@@ -244,6 +244,7 @@ async def portfolio_page(request: Request, session: SessionDep) -> Response:
         },
         "trend": {
             "months": [m.month.isoformat() for m in trend],
+            "to_date": [m.to_date for m in trend],
             "revenue": [float(m.revenue) for m in trend],
             "gross_profit": [float(m.gross_profit) for m in trend],
             "at_risk_key_accounts": [m.at_risk_key_accounts for m in trend],
@@ -442,7 +443,7 @@ async def account_page(
             "drivers": drivers,
             "snapshots": snapshots,
             "charts": charts,
-            "interactions": interactions.items[:20],
+            "interactions": interactions.items[:12],
             "surveys": surveys,
             "complaints": complaints,
             "changes": changes.items,

@@ -71,7 +71,7 @@
         return {
           type: "line",
           data: {
-            labels: d.months.map(month),
+            labels: d.months.map(function (m, i) { return month(m) + (d.to_date[i] ? " (so far)" : ""); }),
             datasets: [
               { label: "Revenue", data: d.revenue, borderColor: colours.blue, backgroundColor: colours.blue, yAxisID: "y", pointStyle: "circle" },
               { label: "Gross profit", data: d.gross_profit, borderColor: colours.green, backgroundColor: colours.green, borderDash: [6, 4], yAxisID: "y", pointStyle: "rect" },
