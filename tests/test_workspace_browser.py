@@ -191,6 +191,16 @@ async def _shot(page: Page, name: str) -> None:
     await page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
 
 
+async def _on_a_phone(page: Page, name: str) -> None:
+    """Load the page again at a phone's width: it must fit (no sideways scrolling)."""
+    await page.set_viewport_size({"width": 390, "height": 844})
+    await page.reload()
+    width = await page.evaluate("document.documentElement.scrollWidth")
+    assert width <= 390, f"{name} scrolls sideways on a phone: {width} px"
+    await _shot(page, f"{name}-phone")
+    await page.set_viewport_size({"width": 1280, "height": 900})
+
+
 async def _chart_drew(page: Page, canvas_id: str) -> tuple[int, int]:
     """(data points in the chart, pixels of its datasets' colours on the canvas)."""
     result = await page.evaluate(
@@ -246,9 +256,7 @@ async def test_portfolio_shows_the_kpis_and_draws_its_charts(head: Session, demo
     assert evaluated is not None
     assert "UTC" not in evaluated
     await _shot(page, "portfolio")
-    await page.set_viewport_size({"width": 390, "height": 844})
-    await _shot(page, "portfolio-phone")
-    await page.set_viewport_size({"width": 1280, "height": 900})
+    await _on_a_phone(page, "portfolio")
 
 
 async def test_matrix_cell_opens_the_filtered_worklist(head: Session) -> None:
@@ -270,6 +278,7 @@ async def test_worklist_filters_and_exports_what_it_shows(head: Session) -> None
     assert await rows.count() == 50
     assert await page.get_by_role("link", name="Next page").count() == 1
     await _shot(page, "worklist")
+    await _on_a_phone(page, "worklist")
 
     await page.get_by_label("Tier").select_option("key")
     await page.get_by_role("button", name="Apply filters").click()
@@ -305,9 +314,7 @@ async def test_account_page_draws_every_chart_with_data(head: Session) -> None:
     # Contacts' names are shown to the admin key (pii:read through admin).
     assert await page.locator("text=Names and contact details are shown only").count() == 0
     await _shot(page, "account")
-    await page.set_viewport_size({"width": 390, "height": 844})
-    await _shot(page, "account-phone")
-    await page.set_viewport_size({"width": 1280, "height": 900})
+    await _on_a_phone(page, "account")
 
 
 async def test_set_and_lift_a_tier_override(head: Session, demo: Demo) -> None:
