@@ -9,7 +9,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install run test lint format bench bench-ingest bench-score bench-webhooks clean
+.PHONY: install run test lint format bench bench-ingest bench-score bench-webhooks bench-web clean
 
 install: $(INSTALLED)
 
@@ -36,7 +36,7 @@ format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-bench: bench-ingest bench-score bench-webhooks ## every benchmark, each figure beside its ceiling
+bench: bench-ingest bench-score bench-webhooks bench-web ## every benchmark, each figure beside its ceiling
 
 bench-ingest: install
 	$(BIN)/python -m bench.ingest
@@ -46,6 +46,9 @@ bench-score: install ## 100,000 accounts, 5M orders: the portfolio pass, event-t
 
 bench-webhooks: install ## order to verified webhook, delivery throughput beside a bare httpx loop
 	$(BIN)/python -m bench.webhooks
+
+bench-web: install ## p95 server time of every workspace page beside the bare /healthz
+	$(BIN)/python -m bench.web
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

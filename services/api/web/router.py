@@ -31,6 +31,7 @@ from services.api.portfolio.service import (
     months_before,
     pareto_curve,
     portfolio,
+    unassigned_key_accounts,
     viewer_manager_id,
 )
 from services.api.web import format as fmt
@@ -519,18 +520,21 @@ async def set_override(request: Request, session: SessionDep, external_id: str) 
 
 @router.get("/managers", response_class=HTMLResponse)
 async def managers_page(request: Request, session: SessionDep) -> Response:
-    """Each manager's key and strategic accounts against capacity; key accounts unassigned."""
+    """Each manager's key and strategic accounts against capacity; key accounts unassigned
+    (the ``managers`` part of ``GET /v1/portfolio``, without the portfolio's KPIs)."""
     person = await require_person(request, session)
-    kpis = await portfolio(session, viewer=person.principal, now=datetime.now(UTC))
+    manager_id = await viewer_manager_id(session, person.principal)
+    managers = await manager_loads(session, manager_id=manager_id) if manager_id != -1 else []
+    unassigned = await unassigned_key_accounts(session) if manager_id is None else 0
     return render(
         request,
         "managers.html",
         person,
         {
             "nav": "managers",
-            "managers": kpis.managers,
-            "over": kpis.managers_over_capacity,
-            "unassigned": kpis.unassigned_key_accounts,
+            "managers": managers,
+            "over": sum(m.over_capacity for m in managers),
+            "unassigned": unassigned,
         },
     )
 
