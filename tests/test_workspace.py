@@ -565,3 +565,21 @@ def test_make_test_fails_in_one_line_without_chromium() -> None:
     assert "Chromium is missing (/nonexistent/chromium)" in line
     assert "apt-get install -y chromium" in line
     assert "passed" not in result.stdout  # no test ran
+
+
+async def test_an_api_key_made_over_http_can_be_restricted_to_a_manager(
+    client: httpx.AsyncClient, admin_headers: dict[str, str], session: AsyncSession
+) -> None:
+    await _two_managers(session)
+    made = await client.post(
+        "/v1/api-keys",
+        json={"name": "ana", "scopes": ["accounts:read"], "manager": "M-2"},
+        headers=admin_headers,
+    )
+    assert made.status_code == 201
+    assert made.json()["manager"] == "M-2"
+    headers = {"Authorization": f"Bearer {made.json()['key']}"}
+    listed = await client.get("/v1/accounts", headers=headers)
+    assert [a["external_id"] for a in listed.json()["items"]] == ["B-1"]
+    keys = (await client.get("/v1/api-keys", headers=admin_headers)).json()
+    assert {k["name"]: k["manager"] for k in keys} == {"admin": None, "ana": "M-2"}

@@ -204,7 +204,8 @@ def _supervise(database_url: str, redis_url: str, host: str, port: int) -> int:
     ]
     print(
         f"KAM is running: http://{host}:{port} (docs at http://{host}:{port}/docs). "
-        "Ctrl-C stops it.",
+        f"Open the workspace at http://{host}:{port}/app/ and sign in with the key printed "
+        "above. Ctrl-C stops it.",
         flush=True,
     )
     stopping = False
