@@ -583,3 +583,19 @@ async def test_an_api_key_made_over_http_can_be_restricted_to_a_manager(
     assert [a["external_id"] for a in listed.json()["items"]] == ["B-1"]
     keys = (await client.get("/v1/api-keys", headers=admin_headers)).json()
     assert {k["name"]: k["manager"] for k in keys} == {"admin": None, "ana": "M-2"}
+
+
+async def test_revoking_the_key_ends_its_sessions(
+    web: httpx.AsyncClient,
+    client: httpx.AsyncClient,
+    make_key: MakeKey,
+    admin_headers: dict[str, str],
+) -> None:
+    key = await make_key("accounts:read", name="leaver")
+    await _sign_in(web, key)
+    assert (await web.get("/app/worklist")).status_code == 200
+    assert (await web.get("/app/worklist?cursor=not-a-cursor")).status_code == 303
+    prefix = key.split("_")[1]
+    revoked = await client.delete(f"/v1/api-keys/{prefix}", headers=admin_headers)
+    assert revoked.status_code == 200
+    assert (await web.get("/app/worklist")).status_code == 303  # back to sign-in

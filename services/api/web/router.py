@@ -22,7 +22,7 @@ from services.api.accounts import service as accounts
 from services.api.accounts.schemas import AccountSort
 from services.api.accounts.service import AccountFilters, accounts_csv, csv_row
 from services.api.deps import PORTFOLIO_AFTER_COMMIT, SessionDep
-from services.api.errors import NotFound
+from services.api.errors import BadRequest, NotFound
 from services.api.policy.schemas import PolicyDraft
 from services.api.portfolio.defection import defection_analysis
 from services.api.portfolio.service import (
@@ -112,7 +112,8 @@ def install_workspace(app: FastAPI) -> None:
 
     async def on_sign_in(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, SignInRequired)
-        target = exc.next_path if exc.next_path.startswith("/app") else "/app/"
+        # Back to the page after signing in; a form sent while signed out is not sent again.
+        target = exc.next_path if request.method == "GET" else "/app/"
         login = request.url_for("login_page").include_query_params(next=target)
         return RedirectResponse(login.path + "?" + login.query, status_code=303)
 
@@ -320,7 +321,10 @@ async def worklist_page(
 ) -> Response:
     """The accounts to act on, the most expected gross profit at risk first."""
     person = await require_person(request, session)
-    filters, page = await _worklist(session, person, manager, tier, band, cursor)
+    try:
+        filters, page = await _worklist(session, person, manager, tier, band, cursor)
+    except BadRequest:
+        return RedirectResponse("/app/worklist", status_code=303)  # a stale or mangled cursor
     manager_id = await viewer_manager_id(session, person.principal)
     managers = await manager_loads(session, manager_id=manager_id) if manager_id != -1 else []
     query = {
