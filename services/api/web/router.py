@@ -20,7 +20,7 @@ from starlette.datastructures import FormData
 
 from services.api.accounts import service as accounts
 from services.api.accounts.schemas import AccountSort
-from services.api.accounts.service import AccountFilters, accounts_csv, csv_row
+from services.api.accounts.service import AccountFilters, accounts_csv
 from services.api.deps import PORTFOLIO_AFTER_COMMIT, SessionDep
 from services.api.errors import BadRequest, NotFound
 from services.api.policy.schemas import PolicyDraft
@@ -344,7 +344,6 @@ async def worklist_page(
             "nav": "worklist",
             "filters": filters,
             "page": page,
-            "rows": [(item, csv_row(item)) for item in page.items],
             "managers": managers,
             "tiers": TIERS,
             "bands": RISK_BANDS,
