@@ -544,24 +544,26 @@ def pass_breakdown(clock: _Clock, total_s: float) -> dict[str, float]:
     stored = clock.total("store_aggregates")
     replay = clock.total("load_features")
     fit = clock.total("fit_population")
+    models = clock.total("fit_retention_models")
     steps = {
         "features: aggregate or reuse (SQL, fetch)": aggregates,
         "features: rows to arrays": to_arrays,
         "features: store the new aggregates": stored,
         "population fit: replay features": replay,
-        "population fit: numpy": fit - replay,
-        "state: read every account's": clock.total("_read_state"),
-        "chunks: lock and read state": clock.total("_lock_state"),
+        "population fit: BG/NBD and Pareto/NBD fits (now and replay)": models,
+        "population fit: other numpy": fit - replay - models,
+        "state: read every account's": clock.total("read_state"),
+        "chunks: lock and read state": clock.total("lock_state"),
         "evaluate (score, tier, risk)": clock.total("evaluate") - clock.total("_drivers"),
         "evaluate: drivers (reasons)": clock.total("_drivers"),
         "chunks: store: feature records": clock.total("record"),
-        "chunks: store: JSON and SQL": clock.total("_store") - clock.total("record"),
+        "chunks: store: JSON and SQL": clock.total("store") - clock.total("record"),
     }
     chunks = (
-        clock.total("_read_state")
-        + clock.total("_lock_state")
+        clock.total("read_state")
+        + clock.total("lock_state")
         + clock.total("evaluate")
-        + clock.total("_store")
+        + clock.total("store")
     )
     steps["other (transactions, commits)"] = (
         total_s - aggregates - to_arrays - stored - fit - chunks
@@ -571,7 +573,7 @@ def pass_breakdown(clock: _Clock, total_s: float) -> dict[str, float]:
 
 async def _pass_in_this_process(hours_ahead: float) -> PassRun:
     from services.logging import configure_logging
-    from services.scorer import features, scoring
+    from services.scorer import evaluation, features, passes, population
     from shared.db import create_engine, create_sessionmaker
     from shared.settings import Settings
 
@@ -586,23 +588,24 @@ async def _pass_in_this_process(hours_ahead: float) -> PassRun:
         aggregated.append(int(result.fresh.sum()))
         return result
 
-    vars(scoring)["load_aggregates"] = counted  # the pass's own call, wrapped again below
-    clock.wrap_async(scoring, "load_aggregates")
-    clock.wrap_sync(scoring, "build_feature_table")
-    clock.wrap_async(scoring, "store_aggregates")
-    clock.wrap_async(scoring, "load_features")
-    clock.wrap_async(scoring, "fit_population")
-    clock.wrap_async(scoring, "_read_state")
-    clock.wrap_async(scoring, "_lock_state")
-    clock.wrap_sync(scoring, "evaluate")
-    clock.wrap_async(scoring, "_store")
-    clock.wrap_sync(scoring, "_drivers")
+    vars(passes)["load_aggregates"] = counted  # the pass's own call, wrapped again below
+    clock.wrap_async(passes, "load_aggregates")
+    clock.wrap_sync(passes, "build_feature_table")
+    clock.wrap_async(passes, "store_aggregates")
+    clock.wrap_async(population, "load_features")
+    clock.wrap_async(passes, "fit_population")
+    clock.wrap_sync(population, "fit_retention_models")
+    clock.wrap_async(passes, "read_state")
+    clock.wrap_async(passes, "lock_state")
+    clock.wrap_sync(passes, "evaluate")
+    clock.wrap_async(passes, "store")
+    clock.wrap_sync(evaluation, "_drivers")
     clock.wrap_sync(features.FeatureTable, "record")
     engine = create_engine(settings)
     try:
         rss_before = _rss_mib()
         started = time.perf_counter()
-        accounts = await scoring.run_portfolio_pass(
+        accounts = await passes.run_portfolio_pass(
             create_sessionmaker(engine), now=datetime.now(UTC) + timedelta(hours=hours_ahead)
         )
         seconds = time.perf_counter() - started

@@ -72,7 +72,7 @@ async def _scored(dsn: str) -> int:
 
 
 async def _portfolio_pass(database_url: str) -> float:
-    from services.scorer.scoring import run_portfolio_pass
+    from services.scorer.passes import run_portfolio_pass
     from shared.db import create_engine, create_sessionmaker
     from shared.settings import Settings
 

@@ -127,6 +127,13 @@ class Account(Base):
     tier_demotion_count: Mapped[int] = mapped_column(SmallInteger, server_default=text("0"))
     # When the last score snapshot was written (the portfolio pass skips unchanged accounts).
     snapshot_at: Mapped[datetime | None]
+    # The population facts (``population_fits.id``) the stored figures were computed with: a
+    # portfolio pass that fitted newer ones rescores an account a concurrent rescore wrote with
+    # older ones.
+    population_fit_id: Mapped[int | None] = mapped_column(BigInteger)
+    # The population generation the computed tier was decided in; None for a tier given for the
+    # first time. Hysteresis holds only tiers of the current generation (see scoring).
+    tier_basis: Mapped[int | None] = mapped_column(Integer)
 
     source_version: Mapped[int | None] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = _created()
@@ -344,6 +351,7 @@ class AccountAggregate(Base):
     )
     seq: Mapped[int] = mapped_column(BigInteger)
     layout: Mapped[int] = mapped_column(SmallInteger)
+    occasion_window_days: Mapped[int] = mapped_column(SmallInteger, server_default=text("1"))
     as_of: Mapped[datetime]
     stale_at: Mapped[datetime | None]
     aggregate_values: Mapped[list[float | None]] = mapped_column(ARRAY(Double))

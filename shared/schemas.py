@@ -455,12 +455,58 @@ class BandMove(BaseModel):
     accounts: int
 
 
+class MovedAccount(BaseModel):
+    """One account the draft would move, with the draft's main reason for its tier."""
+
+    external_id: str
+    name: str | None
+    from_tier: Tier | None
+    to_tier: Tier
+    from_band: RiskBand | None
+    to_band: RiskBand | None
+    reason: str | None = Field(description="The first reason the draft gives for its tier.")
+
+
+class TierFigures(BaseModel):
+    """Accounts, 12-month revenue and gross profit of one tier."""
+
+    accounts: int
+    revenue_12m: float
+    gross_profit_12m: float
+
+
+class ManagerLoad(BaseModel):
+    """A manager's key and strategic accounts against capacity (``manager`` None: accounts with
+    no manager)."""
+
+    manager: str | None
+    name: str | None
+    capacity: int | None
+    key_accounts: int
+    over_capacity: bool
+
+
+class PortfolioKpis(BaseModel):
+    """The portfolio under one policy: figures per tier, the share of gross profit from key and
+    strategic accounts, and each manager's key-account load."""
+
+    tiers: dict[Tier, TierFigures]
+    key_profit_share: float | None = Field(
+        description="Gross profit of key + strategic accounts over all gross profit (0-1)."
+    )
+    managers: list[ManagerLoad]
+
+
 class PolicyPreview(BaseModel):
     """What a draft policy would do to the portfolio as it stands, without writing anything.
 
-    The current side is each account's published tier and band; the draft side is what the
-    draft would publish now (hysteresis and overrides applied as the scorer would). Only moves
-    between different tiers or bands are listed; ``unchanged_*`` counts the rest.
+    Both sides are evaluated at the same moment, from the same stored state, with the same
+    hysteresis step: the *current* side under the active policy, the *draft* side under the
+    draft (overrides applied as the scorer would). So previewing the active policy moves
+    nothing, and every listed move is the draft's doing. Only moves between different tiers or
+    bands are counted; ``unchanged_*`` counts the rest. ``moved_accounts`` is one page of the
+    accounts whose tier moves (``moved_total`` in all). ``exact`` is False when a part of the
+    draft could not be re-derived (``notes`` says which).
     """
 
     accounts: int
@@ -471,3 +517,11 @@ class PolicyPreview(BaseModel):
     unchanged_band: int
     tiers_now: dict[Tier, int]
     tiers_draft: dict[Tier, int]
+    kpis_now: PortfolioKpis
+    kpis_draft: PortfolioKpis
+    moved_accounts: list[MovedAccount]
+    moved_total: int
+    offset: int
+    limit: int
+    exact: bool
+    notes: list[str]

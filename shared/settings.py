@@ -52,6 +52,8 @@ class Settings(BaseSettings):
     queue_name: str = "kam:queue"
     rescore_debounce_s: float = Field(default=0.5, ge=0)
     sweep_interval_s: int = Field(default=30, ge=1)
+    # How often the scorer checks whether a bulk load has gone quiet and needs a full pass.
+    settle_interval_s: int = Field(default=15, ge=1)
     worker_max_jobs: int = Field(default=10, ge=1)
     job_timeout_s: int = Field(default=300, ge=1)
     # The portfolio pass runs at these minutes past every hour: [0] hourly, [0, 30] twice.

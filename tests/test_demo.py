@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
-from collections import defaultdict
+import math
+from collections import Counter, defaultdict
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from functools import cache
-from statistics import mean
+from itertools import pairwise
+from statistics import mean, median
 from typing import Any
 
 import httpx
@@ -110,6 +112,75 @@ def test_some_accounts_stop_ordering() -> None:
         last_order[account] = max(at, last_order.get(account, at))
     silent = [a for a, at in last_order.items() if at < NOW - timedelta(days=120)]
     assert 0.05 * ACCOUNTS <= len(silent) <= 0.3 * ACCOUNTS
+
+
+def _orders_by_account() -> dict[str, list[tuple[int, Decimal]]]:
+    """Each account's (day, amount) of its orders, in time order."""
+    orders: dict[str, list[tuple[int, Decimal]]] = defaultdict(list)
+    for order in _of("order"):
+        day = _at(order["ordered_at"]).date().toordinal()
+        orders[order["account_external_id"]].append((day, Decimal(order["amount"])))
+    return {account: sorted(days) for account, days in orders.items()}
+
+
+def _occasions(days: list[int]) -> list[int]:
+    """First days of buying occasions: an occasion absorbs the orders within a week."""
+    starts: list[int] = []
+    for day in days:
+        if not starts or day - starts[-1] >= 7:
+            starts.append(day)
+    return starts
+
+
+def test_orders_come_in_bursts() -> None:
+    """As in real order logs, about a fifth of repeat order days come within a week of the
+    previous one, and those close follow-ups are smaller orders (top-ups, split deliveries)."""
+    close, within_week, repeat_days = [], 0, 0
+    for orders in _orders_by_account().values():
+        days = sorted({day for day, _ in orders})
+        within_week += sum(b - a <= 7 for a, b in pairwise(days))
+        repeat_days += len(days) - 1
+        typical = median(amount for _, amount in orders)
+        close += [(b[1] / typical, b[0] - a[0] <= 6) for a, b in pairwise(orders)]
+    assert 0.1 <= within_week / repeat_days <= 0.35
+    after_days = median(share for share, near in close if near)
+    after_weeks = median(share for share, near in close if not near)
+    assert after_days < Decimal("0.92") * after_weeks
+
+
+def test_some_accounts_pause_for_months_and_come_back() -> None:
+    returned = 0
+    for orders in _orders_by_account().values():
+        starts = _occasions([day for day, _ in orders])
+        gaps = [b - a for a, b in pairwise(starts)]
+        if len(gaps) < 4:
+            continue
+        usual = median(gaps)
+        long_gaps = [i for i, gap in enumerate(gaps) if gap > max(120, 4 * usual)]
+        # silent for four months and more, then at least two more buying occasions
+        returned += bool(long_gaps) and long_gaps[0] <= len(gaps) - 2
+    assert 0.05 * ACCOUNTS <= returned <= 0.3 * ACCOUNTS
+
+
+def test_gaps_lengthen_before_an_account_stops() -> None:
+    """Accounts silent for the last five months mostly faded first: their last two gaps between
+    buying occasions are longer than their usual gap (on average, in log ratio)."""
+    silent_since = NOW.date().toordinal() - 150
+    stretches = []
+    for orders in _orders_by_account().values():
+        starts = _occasions([day for day, _ in orders])
+        gaps = [b - a for a, b in pairwise(starts)]
+        if len(gaps) >= 6 and starts[-1] < silent_since:
+            stretches.append(math.log((gaps[-1] + gaps[-2]) / 2 / median(gaps[:-2])))
+    assert len(stretches) >= 10
+    assert mean(stretches) > 0.1
+
+
+def test_orders_dip_in_august_and_peak_at_year_end() -> None:
+    months = Counter(_at(order["ordered_at"]).month for order in _of("order"))
+    average = sum(months.values()) / 12
+    assert months[8] < 0.85 * average
+    assert months[11] + months[12] > 2.2 * average
 
 
 def test_lost_accounts_carry_a_reason_in_a_later_version() -> None:

@@ -10,11 +10,11 @@ from arq.connections import ArqRedis
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.scorer.engine.policy import DEFAULT_POLICY
 from services.scorer.enqueue import PORTFOLIO_JOB_ID
 from shared.enums import RiskBand, Tier
 from shared.models import Base
 from shared.models import ScoringPolicy as ScoringPolicyRow
+from shared.policy import DEFAULT_POLICY
 from shared.settings import Settings
 from tests import factories
 from tests.conftest import MakeKey
@@ -186,6 +186,90 @@ async def test_preview_answers_the_moves_and_writes_nothing(
     preview = response.json()
     assert preview["accounts"] == 2
     assert sum(preview["tiers_draft"].values()) == 2
-    assert {tier: n for tier, n in preview["tiers_now"].items() if n} == {"key": 1, "standard": 1}
+    # Both sides evaluated now: under the active policy the big account is not key (revenue
+    # under the key minimum); the draft's lower threshold cannot change that either.
+    assert sum(preview["tiers_now"].values()) == 2
+    assert preview["moved_total"] == len(preview["moved_accounts"])
+    assert set(preview["kpis_now"]["tiers"]) == {"strategic", "key", "developing", "standard"}
+    assert preview["exact"] is True
     assert await _row_counts(session) == before
     assert await session.scalar(select(func.max(ScoringPolicyRow.version))) == 1
+
+
+async def _scored_portfolio(
+    client: httpx.AsyncClient, admin_headers: dict[str, str], engine: Any
+) -> None:
+    from services.scorer.passes import run_portfolio_pass
+    from shared.db import create_sessionmaker
+    from tests.portfolio import AccountSpec, ordinary_accounts, send
+
+    now = datetime.now(UTC).replace(microsecond=0)
+    star = AccountSpec("STAR", amount=60_000, margin=0.32, every_days=14, categories=6)
+    await send(client, admin_headers, [*ordinary_accounts(40), star], now)
+    await run_portfolio_pass(create_sessionmaker(engine))
+
+
+async def test_previewing_the_active_policy_moves_nothing(
+    client: httpx.AsyncClient, admin_headers: dict[str, str], engine: Any
+) -> None:
+    await _scored_portfolio(client, admin_headers, engine)
+    active = (await client.get("/v1/scoring-policy", headers=admin_headers)).json()["policy"]
+    response = await client.post(
+        "/v1/scoring-policy/preview", json={"policy": active}, headers=admin_headers
+    )
+    assert response.status_code == 200, response.text
+    preview = response.json()
+    assert preview["accounts"] == 41
+    assert preview["tier_moves"] == []
+    assert preview["band_moves"] == []
+    assert preview["moved_total"] == 0
+    assert preview["moved_accounts"] == []
+    assert preview["tiers_now"] == preview["tiers_draft"]
+    assert preview["kpis_now"] == preview["kpis_draft"]
+
+
+async def test_a_preview_lists_the_accounts_that_move_and_the_kpi_deltas(
+    client: httpx.AsyncClient, admin_headers: dict[str, str], engine: Any
+) -> None:
+    await _scored_portfolio(client, admin_headers, engine)
+    # Nobody reaches key or strategic any more.
+    draft = {"tiers": {"strategic_threshold": 99.9, "key_threshold": 99.8}}
+    response = await client.post(
+        "/v1/scoring-policy/preview?limit=1", json={"policy": draft}, headers=admin_headers
+    )
+    assert response.status_code == 200, response.text
+    preview = response.json()
+    now_key = preview["tiers_now"]["key"] + preview["tiers_now"]["strategic"]
+    assert now_key >= 1
+    assert preview["tiers_draft"]["key"] + preview["tiers_draft"]["strategic"] == 0
+    assert preview["moved_total"] >= now_key
+    [moved] = preview["moved_accounts"]  # one page of one
+    assert moved["from_tier"] in {"key", "strategic"}
+    assert moved["to_tier"] in {"developing", "standard"}
+    assert moved["external_id"]
+    assert moved["reason"]
+    assert preview["kpis_draft"]["key_profit_share"] == 0
+    assert preview["kpis_now"]["key_profit_share"] > 0
+    now_key_revenue = sum(
+        preview["kpis_now"]["tiers"][t]["revenue_12m"] for t in ("key", "strategic")
+    )
+    assert now_key_revenue > 0
+    second = await client.post(
+        "/v1/scoring-policy/preview?limit=1&offset=1", json={"policy": draft}, headers=admin_headers
+    )
+    if preview["moved_total"] > 1:
+        assert second.json()["moved_accounts"][0]["external_id"] != moved["external_id"]
+
+
+async def test_a_preview_of_another_horizon_refits_for_it(
+    client: httpx.AsyncClient, admin_headers: dict[str, str], engine: Any
+) -> None:
+    await _scored_portfolio(client, admin_headers, engine)
+    draft = {"risk": {"horizon_days": 180, "occasion_window_days": 3}}
+    response = await client.post(
+        "/v1/scoring-policy/preview", json={"policy": draft}, headers=admin_headers
+    )
+    assert response.status_code == 200, response.text
+    preview = response.json()
+    assert "population facts fitted for the draft's risk settings" in preview["notes"]
+    assert preview["exact"] is True

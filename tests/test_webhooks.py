@@ -21,7 +21,7 @@ from standardwebhooks import Webhook
 
 from services.api.app import create_app
 from services.scorer.jobs import job_session
-from services.scorer.scoring import rescore_accounts, run_portfolio_pass
+from services.scorer.passes import rescore_accounts, run_portfolio_pass
 from services.scorer.webhook_delivery import (
     claim_delivery,
     record_outcome,

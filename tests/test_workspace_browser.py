@@ -29,7 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.api.keys.service import create_api_key, parse_scopes
 from services.cli.demo import generate_portfolio, send_events
-from services.scorer.scoring import run_portfolio_pass
+from services.scorer.passes import run_portfolio_pass
 from services.scorer.worker import create_worker
 from shared.db import create_sessionmaker
 from shared.models import Base

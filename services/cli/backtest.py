@@ -33,21 +33,32 @@ from scipy import special
 
 from services.scorer.engine import (
     DEFAULT_POLICY,
-    BgNbdParams,
     CalibrationBin,
-    InsufficientDataError,
     RiskPolicy,
+    ScoringPolicy,
     apply_platt,
-    assess_risk,
+    assess_base_risk,
     auc,
+    behaviour_signals,
     brier,
     calibration_table,
-    fit_bgnbd,
     fit_platt,
     ordered_within,
     summarise_purchases,
 )
 from services.scorer.engine.arrays import FloatArray, IntArray
+from services.scorer.engine.combined import (
+    BASE_MODELS,
+    MODEL_LABELS,
+    LearnedLayer,
+    ModelFits,
+    Replay,
+    choose_base,
+    fit_models,
+    learn_layer,
+    max_decile_error,
+    replays_back,
+)
 from services.scorer.engine.retention import MIN_CUSTOMERS
 
 REQUIRED_COLUMNS = ("account_id", "date", "amount")
@@ -213,6 +224,7 @@ class ScoreResult:
     brier: float | None
     calibration: list[CalibrationBin] | None
     note: str | None = None
+    max_decile_error: float | None = None
 
 
 @dataclass(frozen=True)
@@ -223,12 +235,16 @@ class BacktestReport:
     source: str
     cutoff: date
     horizon_days: int
+    occasion_window_days: int
     rows: int
     rows_to_cutoff: int
     accounts_in_file: int
     account_ids: list[str]
     outcome: FloatArray
-    params: BgNbdParams
+    fits: ModelFits
+    base_model: str
+    layer: LearnedLayer | None
+    layer_note: str
     baseline_fit: tuple[date, int] | None
     scores: list[ScoreResult]
     warnings: list[str]
@@ -247,6 +263,7 @@ class BacktestReport:
             "file": self.source,
             "cutoff": self.cutoff.isoformat(),
             "horizon_days": self.horizon_days,
+            "occasion_window_days": self.occasion_window_days,
             "outcome": {
                 "event": "no order",
                 "after": self.cutoff.isoformat(),
@@ -259,7 +276,26 @@ class BacktestReport:
                 "no_purchase_rate": self.no_purchase_rate,
             },
             "model": {
-                "bgnbd": self.params.as_dict(),
+                "bgnbd": self.fits.bgnbd.as_dict(),
+                "bgnbd_source": self.fits.bgnbd_source,
+                "pareto_nbd": None
+                if self.fits.pareto_nbd is None
+                else self.fits.pareto_nbd.as_dict(),
+                "pareto_nbd_source": self.fits.pareto_source,
+                "fit_seconds": self.fits.seconds,
+                "base_model": self.base_model,
+                "learned_layer": None
+                if self.layer is None
+                else {
+                    "base_model": self.layer.base_model,
+                    "method": self.layer.method,
+                    "slope": self.layer.platt.slope,
+                    "intercept": self.layer.platt.intercept,
+                    "signal_weights": self.layer.signal_weights,
+                    "replay_accounts": self.layer.accounts,
+                    "held_out_brier": self.layer.held_out_brier,
+                },
+                "learned_layer_note": self.layer_note,
                 "signals_from_file": ["revenue_decline"],
                 "signals_unknown": [
                     "satisfaction_drop",
@@ -276,6 +312,9 @@ class BacktestReport:
                     "label": score.label,
                     "auc": _finite(score.auc),
                     "brier": None if score.brier is None else _finite(score.brier),
+                    "max_decile_error": None
+                    if score.max_decile_error is None
+                    else _finite(score.max_decile_error),
                     "mean_predicted": None
                     if score.probability is None
                     else float(score.probability.mean()),
@@ -290,17 +329,27 @@ class BacktestReport:
         }
 
     def as_text(self) -> str:
-        p = self.params
+        p = self.fits.bgnbd
+        q = self.fits.pareto_nbd
         accounts = len(self.account_ids)
+        pareto = (
+            "not fitted"
+            if q is None
+            else f"r={q.r:.3g} alpha={q.alpha:.3g} s={q.s:.3g} beta={q.beta:.3g} days "
+            f"({self.fits.pareto_source})"
+        )
         lines = [
             f"kam backtest: {self.source}",
             f"cutoff {self.cutoff}, horizon {self.horizon_days} days: the event is no order in "
             f"{self.cutoff + timedelta(days=1)} .. {self.horizon_end}",
             f"transactions: {self.rows:,} ({self.rows_to_cutoff:,} up to the cutoff); accounts: "
             f"{self.accounts_in_file:,} in the file, {accounts:,} with an order by the cutoff",
-            f"risk model: BG/NBD r={p.r:.3g} alpha={p.alpha:.3g} days a={p.a:.3g} b={p.b:.3g} "
-            f"({'converged' if p.converged else 'NOT converged'}), default policy; from the "
-            "file: revenue decline; unknown: satisfaction, complaints, contacts, payments",
+            f"buying occasions: orders within {self.occasion_window_days} days of an "
+            "occasion's first order count once",
+            f"BG/NBD r={p.r:.3g} alpha={p.alpha:.3g} days a={p.a:.3g} b={p.b:.3g} "
+            f"({self.fits.bgnbd_source}); Pareto/NBD {pareto}",
+            f"risk: base {MODEL_LABELS[self.base_model]}; {self.layer_note}; from the file: "
+            "revenue decline; unknown: satisfaction, complaints, contacts, payments",
         ]
         if self.baseline_fit is not None:
             earlier, fitted_on = self.baseline_fit
@@ -314,6 +363,7 @@ class BacktestReport:
         rows: list[tuple[str, list[str]]] = [
             ("AUC (higher better)", [_number(s.auc) for s in self.scores]),
             ("Brier (lower better)", [_number(s.brier) for s in self.scores]),
+            ("max decile error", [_number(s.max_decile_error) for s in self.scores]),
             ("accounts", [f"{accounts:,}" for _ in self.scores]),
             ("no-order rate", [_number(self.no_purchase_rate) for _ in self.scores]),
             (
@@ -418,36 +468,64 @@ def backtest(
     cutoff: date,
     horizon_days: int,
     source: str = "",
+    policy: ScoringPolicy | None = None,
 ) -> BacktestReport:
-    """Score every account with an order by ``cutoff`` from the data up to it, and compare with
-    whether it ordered in the ``horizon_days`` after it."""
-    policy = _risk_policy(horizon_days)
+    """Score every account with an order by ``cutoff`` from the data up to it, as the service
+    would (``policy``, the default one, with the chosen horizon), and compare with whether it
+    ordered in the ``horizon_days`` after it.
+
+    As in the portfolio pass: the orders are counted in buying occasions of the policy's
+    window; BG/NBD and Pareto/NBD are fitted at the cutoff (below the policy's minimum of
+    accounts, the prior is used); and when the file covers more than two horizons before the
+    cutoff, the layer is learned on a replay one horizon back (models fitted then, outcomes up
+    to the cutoff) and applied at the cutoff."""
+    risk = _risk_policy(horizon_days)
+    policy = (policy or DEFAULT_POLICY).model_copy(update={"risk": risk})
     cut = cutoff.toordinal()
     _check_window(transactions, cut, horizon_days)
     columns = (transactions.account, transactions.day, transactions.amount)
     accounts = len(transactions.account_ids)
+    window = policy.risk.occasion_window_days
+    minimum = policy.population.min_fit_accounts
 
-    summary = summarise_purchases(*columns, accounts=accounts, as_of=cut)
+    summary = summarise_purchases(
+        *columns, accounts=accounts, as_of=cut, occasion_window_days=window
+    )
     scope = summary.has_orders
-    x, t_x, age, counts = summary.distinct_rfm()
-    try:
-        params = fit_bgnbd(x, t_x, age, weights=counts)
-    except InsufficientDataError as exc:
-        raise BacktestError(f"too few accounts to fit the risk model by {cutoff}: {exc}") from None
-    facts = summary.behaviour_facts()
-    assessment = assess_risk(params, summary.frequency, summary.recency, summary.age, facts, policy)
+    if int(scope.sum()) < MIN_CUSTOMERS:
+        raise BacktestError(
+            f"too few accounts to fit the risk model by {cutoff}: {int(scope.sum())} with an "
+            f"order, at least {MIN_CUSTOMERS} needed"
+        )
+    x, t_x, age = (v[scope] for v in (summary.frequency, summary.recency, summary.age))
+    fits = fit_models(x, t_x, age, min_accounts=minimum)
+    models = fits.models
+    bases = models.bases(summary.frequency, summary.recency, summary.age, float(horizon_days))
+    signals = behaviour_signals(summary.behaviour_facts(), policy.risk)
     ordered = ordered_within(*columns, accounts=accounts, after=cut, until=cut + horizon_days)
     outcome = (~ordered[scope]).astype(np.float64)
 
-    scores = [
-        _probability_score("model", "model", assessment.probability[scope], outcome),
-        _probability_score("bgnbd_alone", "BG/NBD alone", assessment.base_p[scope], outcome),
-    ]
+    earlier = cut - horizon_days
+    layer, layer_note = _replay_layer(transactions, policy, cut=cut, fits=fits)
+    base_name = choose_base(policy.risk.model, models, None if layer is None else layer.base_model)
+    if layer is not None:
+        final = layer.apply(bases[base_name], signals, policy.risk.signal_weights.model_dump())
+    else:
+        final = assess_base_risk(
+            bases[base_name], summary.behaviour_facts(), policy.risk
+        ).probability
+
+    scores = [_probability_score("model", "model", final[scope], outcome)]
+    for name in BASE_MODELS:
+        if name in bases:
+            label = {"bgnbd": "BG/NBD", "pareto_nbd": "Pareto/NBD", "average": "combined"}[name]
+            scores.append(_probability_score(name, label, bases[name][scope], outcome))
 
     # Baselines: fit feature -> probability at the earlier cutoff, whose outcome window
     # (earlier, cut] is known on the cutoff day, then apply at the cutoff.
-    earlier = cut - horizon_days
-    before = summarise_purchases(*columns, accounts=accounts, as_of=earlier)
+    before = summarise_purchases(
+        *columns, accounts=accounts, as_of=earlier, occasion_window_days=window
+    )
     earlier_scope = before.has_orders
     earlier_outcome = (
         ~ordered_within(*columns, accounts=accounts, after=earlier, until=cut)[earlier_scope]
@@ -469,11 +547,11 @@ def backtest(
         calibration = fit_platt(_as_score(earlier_features[key]), earlier_outcome)
         scores.append(_probability_score(key, label, apply_platt(score, calibration), outcome))
 
-    warnings = []
-    if not params.converged:
+    warnings = list(fits.notes)
+    if fits.bgnbd_source == "prior":
         warnings.append(
-            "the BG/NBD fit ended on the edge of its parameter range (the history does not "
-            "identify every parameter); the service would keep its previous fit"
+            f"fewer than {minimum} accounts with orders (the policy's minimum): the service "
+            "would use the prior purchase model, as here"
         )
     if outcome.min() == outcome.max():
         warnings.append(
@@ -484,15 +562,95 @@ def backtest(
         source=source,
         cutoff=cutoff,
         horizon_days=horizon_days,
+        occasion_window_days=window,
         rows=len(transactions.day),
         rows_to_cutoff=int(day_mask.sum()),
         accounts_in_file=accounts,
         account_ids=[transactions.account_ids[i] for i in np.flatnonzero(scope)],
         outcome=outcome,
-        params=params,
+        fits=fits,
+        base_model=base_name,
+        layer=layer,
+        layer_note=layer_note,
         baseline_fit=None if reason is not None else (_day(earlier), len(earlier_outcome)),
         scores=scores,
         warnings=warnings,
+    )
+
+
+def _replay(
+    transactions: Transactions, policy: ScoringPolicy, *, then: int, fits: ModelFits
+) -> Replay | None:
+    """The accounts as they stood at day ``then`` (models fitted on them then) and whether they
+    ordered in the horizon after it; None when too few accounts had history then."""
+    columns = (transactions.account, transactions.day, transactions.amount)
+    accounts = len(transactions.account_ids)
+    horizon = policy.risk.horizon_days
+    before = summarise_purchases(
+        *columns,
+        accounts=accounts,
+        as_of=then,
+        occasion_window_days=policy.risk.occasion_window_days,
+    )
+    scope = before.has_orders
+    x, t_x, age = (v[scope] for v in (before.frequency, before.recency, before.age))
+    then_fits = fit_models(
+        x,
+        t_x,
+        age,
+        min_accounts=policy.population.min_fit_accounts,
+        previous_bgnbd=fits.bgnbd,
+        previous_pareto=fits.pareto_nbd,
+    )
+    if then_fits.bgnbd_source == "prior":
+        return None
+    signals = behaviour_signals(before.behaviour_facts(), policy.risk)
+    ordered = ordered_within(*columns, accounts=accounts, after=then, until=then + horizon)
+    return Replay(
+        bases=then_fits.models.bases(x, t_x, age, float(horizon)),
+        signals={name: values[scope] for name, values in signals.items()},
+        outcome=(~ordered[scope]).astype(np.float64),
+        codes=np.flatnonzero(scope),
+    )
+
+
+def _replay_layer(
+    transactions: Transactions, policy: ScoringPolicy, *, cut: int, fits: ModelFits
+) -> tuple[LearnedLayer | None, str]:
+    """The layer the portfolio pass would use at ``cut``: learned on replays one horizon
+    earlier and, history allowing, further back (``replays_back``), as ``learn_layer`` does;
+    None (and why) when the file does not cover more than two horizons before ``cut``."""
+    horizon = policy.risk.horizon_days
+    covered = cut - transactions.first_day
+    if covered <= 2 * horizon:
+        return None, (
+            f"no learned layer: the file covers {covered} days before the cutoff, not more "
+            f"than two horizons ({2 * horizon})"
+        )
+    if fits.bgnbd_source == "prior":
+        return None, "no learned layer: too few accounts to fit the models"
+    recent = _replay(transactions, policy, then=cut - horizon, fits=fits)
+    earlier = [
+        replay
+        for back in range(2, replays_back(covered, horizon) + 1)
+        if (replay := _replay(transactions, policy, then=cut - back * horizon, fits=fits))
+        is not None
+    ]
+    if recent is None:
+        return None, "no learned layer: too few accounts with history one horizon before"
+    layer = learn_layer(
+        recent,
+        policy.risk.signal_weights.model_dump(),
+        allowed=list(BASE_MODELS) if policy.risk.model == "auto" else [policy.risk.model],
+        earlier=earlier,
+    )
+    if layer is None:
+        return None, "no learned layer: too few accounts, or one outcome only, one horizon before"
+    chosen = layer.held_out_brier[f"{layer.base_model}/{layer.method}"]
+    return layer, (
+        f"learned layer: {layer.method} on {MODEL_LABELS[layer.base_model]}, chosen on "
+        f"replays before {_day(cut - horizon)} ({layer.judged_on}, Brier {chosen:.4f}), "
+        f"fitted on {layer.accounts:,} accounts"
     )
 
 
@@ -514,13 +672,15 @@ def _no_baseline_fit_reason(earlier_outcome: NDArray[np.float64], earlier: date)
 def _probability_score(
     key: str, label: str, probability: FloatArray, outcome: FloatArray
 ) -> ScoreResult:
+    table = calibration_table(probability, outcome, bins=10)
     return ScoreResult(
         key=key,
         label=label,
         auc=auc(probability, outcome),
         probability=probability,
         brier=brier(probability, outcome),
-        calibration=calibration_table(probability, outcome, bins=10),
+        calibration=table,
+        max_decile_error=max_decile_error(table),
     )
 
 

@@ -2,9 +2,21 @@
 
 A demo is only convincing if the scorer has something real-looking to chew on: a heavy tail of
 account sizes (a fifth of the accounts bring most of the profit), margins that differ by account,
-seasonal ordering, accounts that slowly stop buying and a few that grow fast. The portfolio is
-sent through ``POST /v1/events`` like any producer's data, never written into tables, so a demo
-also exercises validation, idempotency and the scorer's triggers.
+late payers, contacts and interactions, accounts that slowly stop buying and a few that grow
+fast. The portfolio is sent through ``POST /v1/events`` like any producer's data, never written
+into tables, so a demo also exercises validation, idempotency and the scorer's triggers.
+
+Orders do not follow the retention model's own process (BG/NBD: Poisson buying while alive, a
+drop-out chance after each order), so the demo shows the model on data it did not generate:
+
+- each account has a rhythm, quasi-regular (monthly replenishment, give or take a week) or
+  irregular, sped up in busy months (a summer dip, a year-end peak) and by its trend;
+- a buying occasion is often a burst: a few smaller follow-up orders within six days;
+- now and then an account slows down for a few months (a budget freeze) and recovers, and some
+  pause for four to nine months and then come back;
+- accounts leave in calendar time, by a Weibull hazard in their age (young accounts leave more
+  often), raised during a slowdown and for three months after it; most fade first (their gaps
+  lengthen over months), some stop abruptly.
 
 Everything is drawn from one ``random.Random(seed)`` relative to ``now``: the same seed gives the
 same event ids, so running the demo twice only yields duplicates.
@@ -220,7 +232,11 @@ class _Account:
     start: float = 0.0
     stop: float = math.inf  # churners stop ordering here
     decay_start: float = math.inf
+    abrupt: bool = False  # a churner whose orders stop without fading first
     growth: float = 0.0  # log growth of activity per year
+    burst: float = 0.1  # chance of one more follow-up order in an occasion
+    slowdowns: list[tuple[float, float, float]] = field(default_factory=list)  # start, end, pace
+    pauses: list[tuple[float, float]] = field(default_factory=list)  # no orders in [start, end)
     lost: bool = False
     parent: _Account | None = None
     manager: str | None = None
@@ -232,12 +248,15 @@ class _Account:
         return self.stop < math.inf
 
     def activity(self, t: float, now: float) -> float:
-        """Multiplier of the order rate at ``t``: the account's trend, and for a churner the
-        slow-down that ends in silence."""
-        level = math.exp(self.growth * (t - now) / 365.25)
+        """Multiplier of the order rate at ``t``: the account's trend, a temporary slowdown, and
+        for a churner the fade that ends in silence."""
         if t >= self.stop:
             return 0.0
-        if t > self.decay_start:
+        level = math.exp(self.growth * (t - now) / 365.25)
+        for start, end, pace in self.slowdowns:
+            if start <= t < end:
+                level *= pace
+        if t > self.decay_start and not self.abrupt:
             level *= 1.0 - 0.85 * (t - self.decay_start) / (self.stop - self.decay_start)
         return level
 
@@ -317,9 +336,12 @@ def _profiles(rng: random.Random, count: int, clock: _Clock) -> list[_Account]:
         else:
             a.margin = rng.uniform(0.2, 0.35)
         # Size shows partly as more orders, partly as bigger ones.
-        a.orders_per_month = min(20.0, max(0.15, rng.gammavariate(2.0, 0.5) * a.size**0.35))
+        a.orders_per_month = min(4.0, max(0.15, rng.gammavariate(2.0, 0.4) * a.size**0.25))
         a.order_mu = math.log(1500.0) + 0.65 * math.log(a.size) + rng.gauss(0.0, 0.3)
-        a.regularity = rng.uniform(1.5, 6.0)
+        # Replenishment buyers keep a rhythm (gamma shape 4-10); the others barely (1-2.5).
+        regular = rng.random() < 0.4
+        a.regularity = rng.uniform(4.0, 10.0) if regular else rng.uniform(1.0, 2.5)
+        a.burst = rng.betavariate(0.5, 6.0)
         a.categories = rng.sample(range(len(CATEGORIES)), rng.randint(3, 6))
         a.category_cum_weights = list(accumulate(rng.expovariate(1.0) for _ in a.categories))
         a.payer = rng.choices(("early", "on_time", "late"), weights=(0.15, 0.6, 0.25))[0]
@@ -332,23 +354,78 @@ def _profiles(rng: random.Random, count: int, clock: _Clock) -> list[_Account]:
 
     order = list(accounts)
     rng.shuffle(order)
-    churners = order[: round(0.17 * count)]
-    growers = order[len(churners) : len(churners) + max(1, round(0.05 * count))]
+    growers = order[: max(1, round(0.05 * count))]
     window = clock.window_days
-    for a in churners:
-        a.start = clock.start
-        a.stop = clock.now - rng.uniform(0.06, 0.45) * window
-        a.decay_start = max(clock.start, a.stop - rng.uniform(0.12, 0.35) * window)
-        a.growth = 0.0
-        if rng.random() < 0.6:
-            a.payer = "late"
-        a.lost = clock.now - a.stop > 90 and rng.random() < 0.45
-        a.happiness = _UNHAPPY
     for a in growers:
         a.start = clock.now - rng.uniform(0.15, 0.55) * window
         a.growth = rng.uniform(math.log(2.5), math.log(5.0))
         a.strategic_fit = min(5, a.strategic_fit + 1)
+    for a in order[len(growers) :]:
+        _slowdowns_and_pauses(rng, a, clock)
+        # A customer for years already, or won during the window (then new, and at risk).
+        age = rng.uniform(0.3, 12.0) * 365.25 if a.start == clock.start else 0.0
+        a.stop = _leaving_day(rng, a, clock, age)
+        if not a.churning:
+            continue
+        a.growth = 0.0
+        a.decay_start = min(a.stop - 1.0, max(a.start, a.stop - rng.uniform(60.0, 300.0)))
+        a.abrupt = rng.random() < 0.3  # lost to a competitor overnight: orders do not fade
+        if rng.random() < 0.6:
+            a.payer = "late"
+        a.lost = clock.now - a.stop > 90 and rng.random() < 0.45
+        a.happiness = _UNHAPPY
     return accounts
+
+
+_WEIBULL_SHAPE = 0.7  # below one: the hazard falls with the account's age
+_LIFE_SCALE_DAYS = 9.0 * 365.25  # of an account of size one, before its frailty
+_SLOWDOWN_HAZARD = 4.0  # the hazard during a slowdown and for _AFTER_SLOWDOWN days after it
+_AFTER_SLOWDOWN = 90.0
+
+
+def _slowdowns_and_pauses(rng: random.Random, a: _Account, clock: _Clock) -> None:
+    """Temporary slowdowns (about one in six accounts a year: the rate falls to 20-50% for
+    1.5-5 months) and pauses (about one in ten accounts a year: no order for 4-9 months, then
+    the old rhythm again)."""
+    first = max(a.start, clock.start)
+    years = (clock.now - first) / 365.25
+    for _ in range(2):
+        if rng.random() < 0.08 * years:
+            begin = rng.uniform(first, clock.now)
+            a.slowdowns.append((begin, begin + rng.uniform(45.0, 150.0), rng.uniform(0.2, 0.5)))
+    if rng.random() < 0.1 * years and clock.now - first > 240:
+        begin = rng.uniform(first + 30.0, clock.now - 150.0)
+        a.pauses.append((begin, begin + rng.uniform(120.0, 270.0)))
+
+
+def _leaving_day(rng: random.Random, a: _Account, clock: _Clock, age: float) -> float:
+    """The day the account stops buying (``inf`` if it is still a customer now).
+
+    The hazard is Weibull in the account's age (``age`` days at ``a.start``), with a per-account
+    frailty and longer lives for larger accounts, raised during slowdowns and after them: calendar
+    time, not a coin tossed after each order as BG/NBD assumes."""
+    scale = _LIFE_SCALE_DAYS * math.exp(rng.gauss(0.0, 0.6)) * a.size**0.25
+    born = a.start - age
+
+    def weibull(t: float) -> float:
+        return math.pow(max(t - born, 0.0) / scale, _WEIBULL_SHAPE)
+
+    def hazard(t: float) -> float:  # cumulative, from a.start
+        total = weibull(t) - weibull(a.start)
+        for begin, end, _ in a.slowdowns:
+            low, high = max(begin, a.start), min(t, end + _AFTER_SLOWDOWN)
+            if high > low:
+                total += (_SLOWDOWN_HAZARD - 1.0) * (weibull(high) - weibull(low))
+        return total
+
+    threshold = rng.expovariate(1.0)
+    if hazard(clock.now) < threshold:
+        return math.inf
+    low, high = a.start, clock.now
+    while high - low > 0.01:
+        middle = (low + high) / 2
+        low, high = (middle, high) if hazard(middle) < threshold else (low, middle)
+    return high
 
 
 def _assign_groups(rng: random.Random, accounts: list[_Account]) -> None:
@@ -443,24 +520,35 @@ def _contacts(rng: random.Random, a: _Account, seed: int) -> list[dict[str, Any]
     return events
 
 
-def _order_times(rng: random.Random, a: _Account, clock: _Clock) -> list[float]:
-    """A renewal process: gamma gaps around the account's usual gap, shortened by season and
-    trend, so a regular buyer keeps its rhythm and a churner's gaps stretch until it stops."""
+def _order_times(rng: random.Random, a: _Account, clock: _Clock) -> list[tuple[float, bool]]:
+    """(time, follow-up?) of the account's orders, in time order.
+
+    Buying occasions form a renewal process: gamma gaps around the account's usual gap,
+    shortened in busy months and stretched by its trend, a slowdown or a churner's fade, so a
+    regular buyer keeps its rhythm and a fading one's gaps lengthen until it stops. A pause
+    freezes the rhythm; it picks up where it was. An occasion is often a burst: follow-up
+    orders within six days of its first."""
     mean_gap = 30.0 / a.orders_per_month
     shape = a.regularity
-    t = a.start + rng.uniform(0.0, mean_gap)
-    times = []
+    # Every account the demo sends ordered at least once before it left.
+    t = a.start + rng.uniform(0.0, min(mean_gap, a.stop - a.start))
+    orders: list[tuple[float, bool]] = []
     while t < clock.now:
         level = a.activity(t, clock.now)
         if level <= 0.0:
             break
-        when = clock.business_time(t, rng)
-        if when >= clock.now:
-            break
-        times.append(when)
+        orders.append((clock.business_time(t, rng), False))
+        follow_ups = 0
+        while follow_ups < 4 and rng.random() < a.burst:
+            follow_ups += 1
+            orders.append((clock.business_time(t + rng.uniform(0.0, 6.0), rng), True))
         pace = max(clock.season[int(t)] * level, 0.05)
-        t += rng.gammavariate(shape, mean_gap / shape) / pace
-    return times
+        following = t + rng.gammavariate(shape, mean_gap / shape) / pace
+        for begin, end in a.pauses:
+            if t < begin <= following:
+                following += end - begin
+        t = following
+    return sorted(order for order in orders if order[0] < clock.now)
 
 
 def _lines(rng: random.Random, a: _Account, amount: int) -> list[dict[str, str]]:
@@ -500,11 +588,13 @@ def _orders_and_payments(
     rng: random.Random, a: _Account, clock: _Clock, seed: int
 ) -> list[tuple[float, dict[str, Any]]]:
     out: list[tuple[float, dict[str, Any]]] = []
-    times = sorted(_order_times(rng, a, clock))
+    times = _order_times(rng, a, clock)
     last = len(times) - 1
-    for k, t in enumerate(times, start=1):
+    for k, (t, follow_up) in enumerate(times, start=1):
         external_id = f"SO-{a.index:05d}-{k:04d}"
         value = math.exp(rng.gauss(a.order_mu, 0.55))
+        if follow_up:  # a forgotten item or a split delivery: smaller than the main order
+            value *= 0.35 * math.exp(rng.gauss(0.0, 0.4))
         amount = max(1500, round(value * 100))
         margin = min(0.7, max(0.005, rng.gauss(a.margin, 0.03)))
         draw = rng.random()

@@ -11,9 +11,14 @@ Definitions (all windows end at ``as_of`` and ignore anything after it):
 - orders count when their status is ``placed``; cancelled and returned orders are not purchases.
 - ``revenue_12m``: net amount over 365 days; ``gross_profit_12m``: revenue times the margin rate,
   where ``margin_rate`` is (amount - cost) / amount over the orders whose cost is known.
-- purchase history for the retention model: ``x`` distinct order days after the first,
-  ``t_x`` days from the first to the last order day, ``T`` days from the first order to
-  ``as_of``; ``usual_gap_days`` = t_x / x.
+- purchase history for the retention models, in whole UTC days and in buying *occasions*
+  (orders placed less than the policy's ``occasion_window_days`` after an occasion's first order
+  belong to it; ``kam_purchase_occasions`` in SQL, ``history.occasion_starts`` in the backtest):
+  ``x`` occasions after the first, ``t_x`` days from the first order's day to the last
+  occasion's first day, ``T`` days from the first order's day to ``as_of``'s day;
+  ``usual_gap_days`` = t_x / x, the usual gap between occasions.
+- credit: ``open_invoice_amount`` (invoices of the last 12 months or later not paid by
+  ``as_of``) and ``credit_used`` = that over the account's credit limit.
 - payments: invoices due in the last 365 days; late = paid after the due date, or unpaid and
   past due at ``as_of``; days late counted to the payment or to ``as_of``.
 - satisfaction: the last two survey answers; complaints over 180 days; the contact gap is the
@@ -51,6 +56,8 @@ _DAY = 86400.0
 # daylight-saving change in the session's time zone.
 _AGGREGATES: dict[str, str] = {
     "o": """
+SELECT agg.*, agg.occasion[1] AS occasions, agg.occasion[2] AS last_occasion_day
+FROM (
 SELECT
     o.account_id,
     sum(o.amount) FILTER (
@@ -75,9 +82,11 @@ SELECT
     ) AS orders_90d,
     min(o.ordered_at) FILTER (WHERE o.ordered_at <= $1::timestamptz) AS first_order_at,
     max(o.ordered_at) FILTER (WHERE o.ordered_at <= $1::timestamptz) AS last_order_at,
-    nullif(count(DISTINCT (o.ordered_at AT TIME ZONE 'UTC')::date) FILTER (
-        WHERE o.ordered_at <= $1::timestamptz
-    ), 0) AS order_days,
+    kam_purchase_occasions(
+        array_agg(floor(extract(epoch FROM o.ordered_at) / 86400)::integer ORDER BY o.ordered_at)
+            FILTER (WHERE o.ordered_at <= $1::timestamptz),
+        $6::integer
+    ) AS occasion,
     least(
         min(o.ordered_at) FILTER (WHERE o.ordered_at > $1::timestamptz),
         min(o.ordered_at) FILTER (WHERE o.ordered_at > $4::timestamptz)
@@ -90,6 +99,7 @@ SELECT
 FROM orders o
 WHERE o.status = 'placed' {order_filter}
 GROUP BY o.account_id
+) agg
 """,
     # Its rows enter and leave its window with the orders' 12-month window: no change time.
     "cat": """
@@ -124,12 +134,13 @@ SELECT
     sum(extract(epoch FROM p.due_at)) FILTER (
         WHERE p.due_at < $1::timestamptz AND (p.paid_at IS NULL OR p.paid_at > $1::timestamptz)
     ) AS overdue_due_epoch,
+    sum(p.amount) FILTER (
+        WHERE p.paid_at IS NULL OR p.paid_at > $1::timestamptz
+    ) AS open_invoice_amount,
     least(
         min(p.due_at) FILTER (WHERE p.due_at >= $1::timestamptz),
         min(p.due_at) + interval '8760 hours',
-        min(p.paid_at) FILTER (
-            WHERE p.due_at <= $1::timestamptz AND p.paid_at > $1::timestamptz
-        )
+        min(p.paid_at) FILTER (WHERE p.paid_at > $1::timestamptz)
     ) AS payments_change_at
 FROM payments p
 WHERE p.due_at > $2::timestamptz {payment_filter}
@@ -186,7 +197,8 @@ _AGGREGATE_COLUMNS: dict[str, tuple[str, ...]] = {
         "orders_90d",
         "first_order_at",
         "last_order_at",
-        "order_days",
+        "occasions",
+        "last_occasion_day",
         "orders_change_at",
     ),
     "cat": ("categories_12m",),
@@ -196,6 +208,7 @@ _AGGREGATE_COLUMNS: dict[str, tuple[str, ...]] = {
         "paid_late_seconds",
         "invoices_overdue",
         "overdue_due_epoch",
+        "open_invoice_amount",
         "payments_change_at",
     ),
     "i": ("last_interaction_at", "complaints_180d", "interactions_change_at"),
@@ -206,7 +219,7 @@ _VALUE_INDEX = {name: i for i, name in enumerate(VALUE_COLUMNS)}
 _CHANGE_COLUMNS = ("orders_change_at", "payments_change_at", "interactions_change_at")
 # The layout of ``account_aggregates.aggregate_values``: bump it whenever the aggregates above
 # change, and stored rows of the older layout are aggregated anew.
-AGGREGATES_LAYOUT = 1
+AGGREGATES_LAYOUT = 2
 
 
 def _value_sql(source: str, column: str) -> str:
@@ -224,6 +237,7 @@ _ACCOUNT_COLUMNS = (
     "a.strategic_fit::float8",
     "extract(epoch FROM a.created_at)::float8",
     "coalesce(d.seq, c.seq, 0)",
+    "a.credit_limit::float8",
 )
 _ACCOUNT_WIDTH = len(_ACCOUNT_COLUMNS)
 _MARKS_JOIN = """
@@ -235,7 +249,7 @@ _NO_FILTER = {"order_filter": "", "payment_filter": "", "interaction_filter": ""
 
 def _one_statement_sql(*, filtered: bool, subsidiaries: bool = True) -> str:
     """One statement for the aggregates of every account or (``filtered``) of the accounts in
-    ``$6`` and, for a group's roll-up (``subsidiaries``), their direct subsidiaries."""
+    ``$7`` and, for a group's roll-up (``subsidiaries``), their direct subsidiaries."""
     in_target = "IN (SELECT id FROM target)"
     filters = (
         {
@@ -253,9 +267,9 @@ def _one_statement_sql(*, filtered: bool, subsidiaries: bool = True) -> str:
     for name, names in _AGGREGATE_COLUMNS.items():
         columns += [_value_sql(name, column) for column in names]
     joins = "\n".join(f"LEFT JOIN {name} ON {name}.account_id = a.id" for name in _AGGREGATES)
-    account_filter = "WHERE a.id = ANY($6::bigint[])" if filtered else ""
+    account_filter = "WHERE a.id = ANY($7::bigint[])" if filtered else ""
     child_filter = (
-        "WHERE c.parent_id = ANY($6::bigint[])" if filtered and subsidiaries else "WHERE false"
+        "WHERE c.parent_id = ANY($7::bigint[])" if filtered and subsidiaries else "WHERE false"
     )
     return f"""
 WITH target AS (
@@ -288,10 +302,11 @@ ORDER BY a.id
 
 # What the portfolio pass reads first: every account, and its stored aggregates where they still
 # hold as of $1 (clean since they were taken, taken no later than $1, no row entered or left a
-# window since, this layout), else NULL.
+# window since, this layout and occasion window), else NULL.
 REUSABLE_SQL = f"""
 SELECT {", ".join(_ACCOUNT_COLUMNS)},
        CASE WHEN d.account_id IS NULL AND c.layout = $2::smallint
+                 AND c.occasion_window_days = $3::smallint
                  AND c.as_of <= $1::timestamptz
                  AND (c.stale_at IS NULL OR c.stale_at > $1::timestamptz)
             THEN c.aggregate_values END
@@ -372,6 +387,7 @@ class FeatureTable:
             strategic_fit=c["strategic_fit"],
             account_age_days=c["account_age_days"],
             profit_share_cum=profit_share_cum,
+            credit_used=c["credit_used"],
         )
 
     def behaviour(self) -> BehaviourFacts:
@@ -411,8 +427,10 @@ class Aggregates:
     strategic_fit: FloatArray
     created: FloatArray
     seq: np.ndarray[Any, np.dtype[np.int64]]
+    credit_limit: FloatArray
     values: np.ndarray[Any, np.dtype[np.float64]]  # accounts x VALUE_COLUMNS
     fresh: np.ndarray[Any, np.dtype[np.bool_]]
+    occasion_window_days: int
 
     def __len__(self) -> int:
         return len(self.account_id)
@@ -434,13 +452,20 @@ class Aggregates:
             strategic_fit=self.strategic_fit[mask],
             created=self.created[mask],
             seq=self.seq[mask],
+            credit_limit=self.credit_limit[mask],
             values=self.values[mask],
             fresh=self.fresh[mask],
+            occasion_window_days=self.occasion_window_days,
         )
 
 
 def _aggregates(
-    rows: list[Any], values: list[Any] | None, *, as_of: datetime, fresh: bool | list[bool]
+    rows: list[Any],
+    values: list[Any] | None,
+    *,
+    as_of: datetime,
+    fresh: bool | list[bool],
+    occasion_window_days: int,
 ) -> Aggregates:
     """Rows of ``_ACCOUNT_COLUMNS`` (followed by the values, when ``values`` is None) to
     columns."""
@@ -456,8 +481,10 @@ def _aggregates(
         strategic_fit=np.array([row[3] for row in rows], dtype=np.float64).reshape(n),
         created=np.array([row[4] for row in rows], dtype=np.float64).reshape(n),
         seq=np.fromiter((row[5] for row in rows), dtype=np.int64, count=n),
+        credit_limit=np.array([row[6] for row in rows], dtype=np.float64).reshape(n),
         values=matrix,
         fresh=np.asarray(fresh, dtype=np.bool_) if isinstance(fresh, list) else np.full(n, fresh),
+        occasion_window_days=occasion_window_days,
     )
 
 
@@ -467,21 +494,29 @@ def _days_between(
     return np.asarray((later - earlier) / _DAY, dtype=np.float64)
 
 
-def _window_params(as_of: datetime) -> tuple[datetime, ...]:
+def _window_params(as_of: datetime, occasion_window_days: int) -> tuple[datetime | int, ...]:
     # The window bounds go in as values: an expression like ``$1 - interval '365 days'`` would
     # be evaluated again for every order row of every filter.
-    return (as_of, *(as_of - timedelta(days=days) for days in (365, 730, 90, 180)))
+    bounds = (as_of - timedelta(days=days) for days in (365, 730, 90, 180))
+    return (as_of, *bounds, occasion_window_days)
 
 
 async def load_features(
     session: AsyncSession,
     *,
     as_of: datetime,
+    occasion_window_days: int,
     account_ids: list[int] | None = None,
     reuse: bool = False,
 ) -> FeatureTable:
     """The features of ``account_ids`` (every account when None) as of ``as_of``."""
-    aggregates = await load_aggregates(session, as_of=as_of, account_ids=account_ids, reuse=reuse)
+    aggregates = await load_aggregates(
+        session,
+        as_of=as_of,
+        occasion_window_days=occasion_window_days,
+        account_ids=account_ids,
+        reuse=reuse,
+    )
     return build_feature_table(aggregates)
 
 
@@ -489,6 +524,7 @@ async def load_aggregates(
     session: AsyncSession,
     *,
     as_of: datetime,
+    occasion_window_days: int,
     account_ids: list[int] | None = None,
     reuse: bool = False,
 ) -> Aggregates:
@@ -500,18 +536,22 @@ async def load_aggregates(
     statement; every account takes one statement per aggregate, run at the same time on
     connections of their own that share this transaction's snapshot. With ``reuse``, every
     account's stored aggregates that still hold as of ``as_of`` are taken as they are and only
-    the others are aggregated (all of them anew when they are many).
+    the others are aggregated (all of them anew when they are many). ``occasion_window_days``
+    groups the orders into buying occasions (see the policy's ``RiskPolicy``).
     """
     connection = await session.connection()
-    params = _window_params(as_of)
+    window = occasion_window_days
+    params = _window_params(as_of, window)
     # For the statements on this connection; the parts on helper connections set their own.
     for setting in _FULL_AGGREGATION_SETTINGS:
         await connection.exec_driver_sql(setting)
     if account_ids is not None:
         result = await connection.exec_driver_sql(SOME_ACCOUNTS_SQL, (*params, account_ids))
-        return _aggregates(list(result.all()), None, as_of=as_of, fresh=True)
+        return _aggregates(
+            list(result.all()), None, as_of=as_of, fresh=True, occasion_window_days=window
+        )
     if reuse:
-        plan = await connection.exec_driver_sql(REUSABLE_SQL, (as_of, AGGREGATES_LAYOUT))
+        plan = await connection.exec_driver_sql(REUSABLE_SQL, (as_of, AGGREGATES_LAYOUT, window))
         rows = list(plan.all())
         stale = [int(row[0]) for row in rows if row[_ACCOUNT_WIDTH] is None]
         if len(stale) <= REAGGREGATE_ALL_ABOVE * len(rows):
@@ -519,7 +559,9 @@ async def load_aggregates(
     if session.in_nested_transaction():
         # A snapshot cannot be exported from a savepoint (the policy preview runs in one).
         result = await connection.exec_driver_sql(ALL_ACCOUNTS_SQL, params)
-        return _aggregates(list(result.all()), None, as_of=as_of, fresh=True)
+        return _aggregates(
+            list(result.all()), None, as_of=as_of, fresh=True, occasion_window_days=window
+        )
     snapshot = await connection.exec_driver_sql("SELECT pg_export_snapshot()")
     snapshot_id = str(snapshot.scalar_one())
     if not _SNAPSHOT_ID.fullmatch(snapshot_id):
@@ -539,11 +581,14 @@ async def load_aggregates(
             found = by_account[name].get(account[0])
             row += found[1:] if found is not None else [None] * len(columns)
         values.append(row)
-    return _aggregates(accounts, values, as_of=as_of, fresh=True)
+    return _aggregates(accounts, values, as_of=as_of, fresh=True, occasion_window_days=window)
 
 
 async def _reuse_and_aggregate(
-    connection: AsyncConnection, rows: list[Any], stale: list[int], params: tuple[datetime, ...]
+    connection: AsyncConnection,
+    rows: list[Any],
+    stale: list[int],
+    params: tuple[datetime | int, ...],
 ) -> Aggregates:
     """Every account of ``rows`` (``REUSABLE_SQL``): the stored values where they hold, and the
     accounts in ``stale`` aggregated now, in one statement (``params``: the window bounds)."""
@@ -565,11 +610,17 @@ async def _reuse_and_aggregate(
             values.append(row[_ACCOUNT_WIDTH])
             fresh.append(False)
         # else: an account created after the plan was read; its own rescore scores it
-    return _aggregates(accounts, values, as_of=params[0], fresh=fresh)
+    as_of, window = params[0], params[-1]
+    assert isinstance(as_of, datetime)
+    assert isinstance(window, int)
+    return _aggregates(accounts, values, as_of=as_of, fresh=fresh, occasion_window_days=window)
 
 
 async def _load_parts(
-    engine: AsyncEngine, snapshot_id: str, names: tuple[str, ...], params: tuple[datetime, ...]
+    engine: AsyncEngine,
+    snapshot_id: str,
+    names: tuple[str, ...],
+    params: tuple[datetime | int, ...],
 ) -> dict[str, list[Any]]:
     """Run the statements ``names`` on a connection of their own, on the snapshot
     ``snapshot_id``."""
@@ -584,7 +635,7 @@ async def _load_parts(
 
 
 async def _fetch_part(
-    connection: AsyncConnection, name: str, params: tuple[datetime, ...]
+    connection: AsyncConnection, name: str, params: tuple[datetime | int, ...]
 ) -> list[Any]:
     sql, used = _PART_SQL[name]
     result = await connection.exec_driver_sql(sql, tuple(params[i] for i in used))
@@ -592,17 +643,19 @@ async def _fetch_part(
 
 
 _STORE_AGGREGATES = f"""
-INSERT INTO account_aggregates AS c (account_id, seq, layout, as_of, stale_at, aggregate_values)
-SELECT u.account_id, u.seq, $2::smallint, $3::timestamptz,
+INSERT INTO account_aggregates AS c (account_id, seq, layout, occasion_window_days, as_of,
+                                    stale_at, aggregate_values)
+SELECT u.account_id, u.seq, $2::smallint, $6::smallint, $3::timestamptz,
        CASE WHEN u.stale_at = 'Infinity' THEN NULL ELSE to_timestamp(u.stale_at) END,
        ARRAY[{", ".join(f"u.v{i}" for i in range(len(VALUE_COLUMNS)))}]
 FROM unnest($1::bigint[], $4::bigint[], $5::float8[],
-            {", ".join(f"${i + 6}::float8[]" for i in range(len(VALUE_COLUMNS)))})
+            {", ".join(f"${i + 7}::float8[]" for i in range(len(VALUE_COLUMNS)))})
      AS u(account_id, seq, stale_at, {", ".join(f"v{i}" for i in range(len(VALUE_COLUMNS)))})
 ORDER BY u.account_id
 ON CONFLICT (account_id) DO UPDATE SET
     seq = excluded.seq,
     layout = excluded.layout,
+    occasion_window_days = excluded.occasion_window_days,
     as_of = excluded.as_of,
     stale_at = excluded.stale_at,
     aggregate_values = excluded.aggregate_values
@@ -631,6 +684,7 @@ async def store_aggregates(session: AsyncSession, aggregates: Aggregates) -> int
             aggregates.as_of,
             rows.seq.tolist(),
             rows.stale_at().tolist(),
+            aggregates.occasion_window_days,
             *columns,
         ),
     )
@@ -649,7 +703,8 @@ def build_feature_table(aggregates: Aggregates) -> FeatureTable:
     orders_90d = np.nan_to_num(v("orders_90d"), nan=0.0)
     first_order = v("first_order_at")
     last_order = v("last_order_at")
-    order_days = v("order_days")
+    occasions = v("occasions")
+    last_occasion_day = v("last_occasion_day")
     categories = np.nan_to_num(v("categories_12m"), nan=0.0)
     invoices_due = np.nan_to_num(v("invoices_due"), nan=0.0)
     overdue = np.nan_to_num(v("invoices_overdue"), nan=0.0)
@@ -667,10 +722,18 @@ def build_feature_table(aggregates: Aggregates) -> FeatureTable:
         margin_rate = np.where(costed_revenue > 0, costed_profit / costed_revenue, np.nan)
         gross_profit = np.where(np.isfinite(margin_rate), revenue_12m * margin_rate, np.nan)
         gross_profit = np.where(revenue_12m == 0, 0.0, gross_profit)
-        x = order_days - 1.0
-        t_x = np.floor(_days_between(last_order, first_order))
-        T = _days_between(now, first_order)
+        # The purchase process in whole UTC days, as the backtest counts it: occasions after
+        # the first, from the first order's day to the last occasion's first day, and to today.
+        first_day = np.floor(first_order / _DAY)
+        x = occasions - 1.0
+        t_x = last_occasion_day - first_day
+        T = math.floor(now / _DAY) - first_day
         usual_gap = np.where(x > 0, t_x / x, np.nan)
+        open_invoices = v("open_invoice_amount")
+        credit_limit = aggregates.credit_limit
+        credit_used = np.where(
+            credit_limit > 0, np.nan_to_num(open_invoices, nan=0.0) / credit_limit, np.nan
+        )
         # Growth needs a previous year to compare with: an account whose first order is less
         # than a year old has none, and "up from nothing" is not a growth rate.
         had_previous_year = np.isfinite(first_order) & (first_order <= now - 365 * _DAY)
@@ -700,6 +763,9 @@ def build_feature_table(aggregates: Aggregates) -> FeatureTable:
         "late_share": late_share,
         "avg_days_late": avg_days_late,
         "invoices_12m": invoices_due,
+        "open_invoice_amount": np.nan_to_num(open_invoices, nan=0.0),
+        "credit_limit": credit_limit,
+        "credit_used": credit_used,
         "satisfaction_last": v("satisfaction_last"),
         "satisfaction_previous": v("satisfaction_previous"),
         "complaints_180d": complaints,

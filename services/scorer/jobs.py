@@ -4,6 +4,7 @@ idempotent, keyed by the account id."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
@@ -16,8 +17,19 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from services.scorer.enqueue import DELIVER_AFTER_COMMIT, enqueue_deliveries, enqueue_rescores
-from services.scorer.scoring import rescore_accounts, run_portfolio_pass
+from services.scorer.enqueue import (
+    DELIVER_AFTER_COMMIT,
+    enqueue_deliveries,
+    enqueue_portfolio_pass,
+    enqueue_rescores,
+)
+from services.scorer.passes import (
+    latest_change_number,
+    rescore_accounts,
+    run_portfolio_pass,
+    settling_reason,
+)
+from services.scorer.policies import active_policy
 from services.scorer.webhook_delivery import (
     claim_delivery,
     due_deliveries,
@@ -103,6 +115,26 @@ async def portfolio_pass(ctx: dict[str, Any]) -> int | None:
         tries: int = ctx.get("job_try", 1)
         log.warning("job_database_error", error=type(exc).__name__, job_try=tries)
         raise Retry(defer=min(300, 5 * 2**tries)) from exc
+
+
+async def settle_population(ctx: dict[str, Any]) -> bool:
+    """Ask for a portfolio pass now when the portfolio grew or changed a lot since the last fit
+    (a bulk load) and no new data arrived for the policy's ``population.quiet_seconds``, so a
+    newcomer sees a settled picture within a minute of a load instead of at the next hour.
+    Returns whether a pass was asked for."""
+    async with job_session(ctx) as session:
+        _, policy = await active_policy(session)
+        seq = await latest_change_number(session)
+        reason = await settling_reason(session)
+    seen: dict[str, Any] = ctx.setdefault("settle", {"seq": None, "moved_at": 0.0})
+    now = time.monotonic()
+    if seen["seq"] != seq:
+        seen["seq"], seen["moved_at"] = seq, now
+    quiet = now - seen["moved_at"] >= policy.population.quiet_seconds
+    if reason is None or not quiet:
+        return False
+    log.info("population_settling", reason=reason)
+    return await enqueue_portfolio_pass(ctx["redis"])
 
 
 async def sweep_dirty_accounts(ctx: dict[str, Any]) -> int:

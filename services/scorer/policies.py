@@ -6,8 +6,8 @@ from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.scorer.engine.policy import DEFAULT_POLICY, ScoringPolicy
 from shared.models import ScoringPolicy as ScoringPolicyRow
+from shared.policy import DEFAULT_POLICY, ScoringPolicy
 
 # Every advisory lock of the service takes this first key, so it cannot collide with another's.
 LOCK_NAMESPACE = 0x4B414D  # "KAM"

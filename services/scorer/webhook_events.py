@@ -29,7 +29,7 @@ from services.scorer.enqueue import DELIVER_AFTER_COMMIT
 from shared.enums import Tier, WebhookEventType
 
 if TYPE_CHECKING:
-    from services.scorer.scoring import AccountState, Evaluation
+    from services.scorer.evaluation import AccountState, Evaluation
 
 TIER_CHANGED = WebhookEventType.account_tier_changed.value
 BAND_CHANGED = WebhookEventType.account_risk_band_changed.value

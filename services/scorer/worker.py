@@ -82,6 +82,14 @@ def create_worker(settings: Settings, *, burst: bool = False) -> Worker:
                 timeout=120,
             ),
             cron(
+                jobs.settle_population,
+                second=_every(settings.settle_interval_s),
+                run_at_startup=False,
+                unique=True,
+                keep_result=0,
+                timeout=60,
+            ),
+            cron(
                 jobs.sweep_webhook_deliveries,
                 second=_every(settings.webhook_sweep_interval_s),
                 run_at_startup=True,

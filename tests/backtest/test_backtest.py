@@ -22,7 +22,7 @@ from tests.backtest.synthetic import END, write_orders_csv
 ACCOUNTS = 4000
 CUTOFF = date(2025, 9, 30)  # 92 days before the file ends: the 90-day outcome is complete
 KAM = (sys.executable, "-m", "services.cli.main")
-SCORES = ("model", "bgnbd_alone", "days_since_last_order", "order_count")
+SCORES = ("model", "bgnbd", "pareto_nbd", "average", "days_since_last_order", "order_count")
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +104,7 @@ def test_text_report(capsys: pytest.CaptureFixture[str], history: Path) -> None:
     assert lines[0] == f"kam backtest: {history}"
     assert "no order in 2025-10-01 .. 2025-12-29" in lines[1]
     header = next(line for line in lines if line.strip().startswith("model"))
-    for label in ("model", "BG/NBD alone", "days since last", "order count"):
+    for label in ("model", "BG/NBD", "Pareto/NBD", "combined", "days since last", "order count"):
         assert label in header
     for name in ("AUC", "Brier", "accounts", "no-order rate", "mean predicted"):
         [row] = [line for line in lines if line.startswith(name)]
@@ -112,7 +112,7 @@ def test_text_report(capsys: pytest.CaptureFixture[str], history: Path) -> None:
     start = lines.index(next(line for line in lines if line.startswith("decile")))
     deciles = lines[start + 1 : start + 11]
     assert [line.split()[0] for line in deciles] == [str(i) for i in range(1, 11)]
-    assert all(line.count("/") == 4 for line in deciles)  # predicted / observed, four scores
+    assert all(line.count("/") == 6 for line in deciles)  # predicted / observed, six scores
 
 
 def test_json_report(capsys: pytest.CaptureFixture[str], history: Path) -> None:
@@ -164,7 +164,8 @@ def test_data_after_the_cutoff_changes_no_prediction(tmp_path: Path, history: Pa
     later.write_text(text + "\n".join(rows) + "\n")
     after = backtest(read_transactions(later), cutoff=CUTOFF, horizon_days=90)
     assert after.account_ids == before.account_ids
-    assert after.params == before.params
+    assert after.fits.bgnbd == before.fits.bgnbd
+    assert after.fits.pareto_nbd == before.fits.pareto_nbd
     # Every score's probability, account by account, bit for bit.
     assert len(_probabilities(before)) == len(SCORES)
     assert _probabilities(after) == _probabilities(before)
@@ -296,3 +297,30 @@ def test_the_command_as_a_process_prints_no_traceback(tmp_path: Path) -> None:
 
 def test_the_synthetic_file_ends_on_its_end_date(history: Path) -> None:
     assert read_transactions(history).last_day <= END.toordinal()
+
+
+@pytest.fixture(scope="module")
+def realistic_history(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A log not drawn from either model: bursts, seasons, slowdowns, pauses, Weibull churn."""
+    from tests.backtest.realistic import generate_purchase_log, write_purchase_log_csv
+
+    path = tmp_path_factory.mktemp("realistic") / "orders.csv"
+    write_purchase_log_csv(path, generate_purchase_log(8000, years=4.0, seed=2))
+    return path
+
+
+@pytest.mark.parametrize("horizon_days", [91, 273])
+def test_on_a_log_not_drawn_from_the_models_the_model_beats_days_since_last_order(
+    realistic_history: Path, horizon_days: int
+) -> None:
+    transactions = read_transactions(realistic_history)
+    cutoff = date.fromordinal(transactions.last_day - horizon_days)
+    report = backtest(transactions, cutoff=cutoff, horizon_days=horizon_days)
+    model = _score(report, "model")
+    baseline = _score(report, "days_since_last_order")
+    assert report.layer is not None  # four years: the layer is learned on replays
+    assert report.fits.bgnbd_source == "fitted"
+    assert report.fits.pareto_source == "fitted"
+    assert model.auc > baseline.auc
+    assert model.brier < baseline.brier
+    assert model.max_decile_error < 0.1

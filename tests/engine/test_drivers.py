@@ -13,7 +13,6 @@ from services.scorer.engine.drivers import (
     explain_value,
     top_risk_drivers,
 )
-from services.scorer.engine.policy import ScoringPolicy
 from services.scorer.engine.retention import BehaviourFacts
 from services.scorer.engine.value import (
     AccountFeatures,
@@ -21,6 +20,7 @@ from services.scorer.engine.value import (
     population_percentiles,
     score_breakdown,
 )
+from shared.policy import ScoringPolicy, TierRules
 
 POLICY = ScoringPolicy()
 
@@ -68,7 +68,7 @@ def test_risk_drivers_speak_a_managers_language() -> None:
     drivers = explain_risk(contributions, facts, k=5)[0]
     texts = [d.text for d in drivers]
     assert texts == [
-        "no order for 143 days; usually orders every 30",
+        "no order for 143 days; usually orders every 30 days",
         "satisfaction fell from satisfied to dissatisfied",
         "2 complaints in the last 180 days",
         "revenue down 35% on the previous 12 months",
@@ -76,7 +76,7 @@ def test_risk_drivers_speak_a_managers_language() -> None:
     ]
     assert drivers[0].as_dict() == {
         "code": "purchase_pattern",
-        "text": "no order for 143 days; usually orders every 30",
+        "text": "no order for 143 days; usually orders every 30 days",
         "contribution": 2.1,
     }
 
@@ -115,14 +115,29 @@ def test_tier_reasons_name_the_gate_and_its_limit() -> None:
     )
 
 
-def test_late_payer_reasons_explain_the_cap() -> None:
-    features = _features(margin_rate=0.3, late_share=0.45)
+def test_late_payer_reasons_explain_the_flag_and_the_cap() -> None:
+    features = _features(margin_rate=0.3, late_share=0.45, avg_days_late=12.0)
     decision = decide_tier(features, [82.0], POLICY)
     reasons = explain_tier(decision.tiers, decision.gates, np.array([82.0]), features, POLICY)[0]
     texts = [r.text for r in reasons]
-    assert "pays late on 45% of invoices (limit 30%)" in texts
-    assert "tier capped at developing until payments improve" in texts
+    assert (
+        "pays late: 45% of invoices, 12 days late on average (limits 30% of invoices, "
+        "15 days late); credit flag, the tier stays"
+    ) in texts
+    assert texts[0] == "value score 82 (the strategic threshold is 75)"
+    capped = ScoringPolicy(tiers=TierRules(late_payment_cap="key"))
+    decision = decide_tier(features, [82.0], capped)
+    reasons = explain_tier(decision.tiers, decision.gates, np.array([82.0]), features, capped)[0]
+    texts = [r.text for r in reasons]
+    assert "tier capped at key until payments improve" in texts
     assert texts[0] == "value score 82"
+
+
+def test_open_invoices_over_the_credit_limit_are_a_reason() -> None:
+    features = _features(margin_rate=0.3, credit_used=1.25)
+    decision = decide_tier(features, [82.0], POLICY)
+    reasons = explain_tier(decision.tiers, decision.gates, np.array([82.0]), features, POLICY)[0]
+    assert "open invoices at 125% of the credit limit" in [r.text for r in reasons]
 
 
 def test_value_drivers_add_up_to_points() -> None:

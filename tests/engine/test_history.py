@@ -117,3 +117,54 @@ def test_ordered_within_is_a_half_open_window() -> None:
 def test_no_orders_at_all_gives_an_empty_summary() -> None:
     summary = summarise_purchases([0], [5], [-1.0], accounts=2, as_of=10)
     assert not summary.has_orders.any()
+
+
+def _occasions_by_hand(days: list[int], window: int) -> tuple[int, int]:
+    """(occasions, first day of the last occasion) of one account's sorted order days."""
+    occasions, anchor = 0, -(10**9)
+    for day in days:
+        if occasions == 0 or day - anchor >= window:
+            occasions, anchor = occasions + 1, day
+    return occasions, anchor
+
+
+def test_orders_within_the_window_of_an_occasions_first_order_are_one_occasion() -> None:
+    # Days 0, 3, 6 form one occasion (all under 7 days after day 0); 7 opens the next, which
+    # 12 joins; 14 opens a third although it is 2 days after 12: the window runs from the
+    # occasion's first order, not from the previous order.
+    rows = [(0, d, 10.0) for d in (0, 3, 6, 7, 12, 14)]
+    summary = summarise_purchases(*_columns(rows), accounts=1, as_of=30, occasion_window_days=7)
+    assert summary.frequency[0] == 2
+    assert summary.recency[0] == 14
+    assert summary.age[0] == 30
+    assert summary.order_days[0] == 6
+    assert summary.days_since_last_order[0] == 16
+    per_day = summarise_purchases(*_columns(rows), accounts=1, as_of=30, occasion_window_days=1)
+    assert per_day.frequency[0] == 5
+
+
+def test_occasions_match_the_sequential_rule_on_random_transactions() -> None:
+    rng = np.random.default_rng(11)
+    n, accounts, as_of = 6000, 250, 900
+    account = rng.integers(0, accounts, n)
+    # Bursts: many orders a few days apart, and long gaps.
+    day = np.cumsum(rng.choice([1, 2, 3, 5, 40], n)) % 1000
+    amount = rng.choice([-5.0, 10.0], n, p=[0.05, 0.95])
+    for window in (1, 3, 7, 30):
+        summary = summarise_purchases(
+            account, day, amount, accounts=accounts, as_of=as_of, occasion_window_days=window
+        )
+        for a in range(accounts):
+            mine = (account == a) & (day <= as_of) & (amount > 0)
+            days = sorted(set(day[mine].tolist()))
+            if not days:
+                continue
+            occasions, last_anchor = _occasions_by_hand(days, window)
+            assert summary.frequency[a] == occasions - 1
+            assert summary.recency[a] == last_anchor - days[0]
+            assert summary.age[a] == as_of - days[0]
+
+
+def test_an_occasion_window_below_one_day_is_refused() -> None:
+    with pytest.raises(ValueError, match="window_days"):
+        summarise_purchases([0], [1], [1.0], accounts=1, as_of=5, occasion_window_days=0)

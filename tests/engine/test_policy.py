@@ -5,14 +5,13 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from services.scorer.engine.policy import (
+from shared.policy import (
     DEFAULT_POLICY,
     RiskPolicy,
     ScoringPolicy,
     TierRules,
     ValueWeights,
 )
-from shared.enums import Tier
 
 
 def test_defaults_follow_the_design() -> None:
@@ -68,9 +67,9 @@ def test_risk_bands_must_be_ordered_probabilities() -> None:
 
 
 def test_payment_cap_is_developing_or_standard() -> None:
-    assert TierRules(poor_payment_cap=Tier.standard).poor_payment_cap is Tier.standard
+    assert TierRules(late_payment_cap="key").late_payment_cap == "key"
     with pytest.raises(ValidationError):
-        TierRules.model_validate({"poor_payment_cap": "key"})
+        TierRules.model_validate({"late_payment_cap": "developing"})
 
 
 def test_policy_is_immutable() -> None:

@@ -8,7 +8,6 @@ import math
 import numpy as np
 import pytest
 
-from services.scorer.engine.policy import RiskPolicy
 from services.scorer.engine.retention import (
     BehaviourFacts,
     BgNbdParams,
@@ -29,6 +28,7 @@ from services.scorer.engine.retention import (
     p_no_purchase_within,
     simulate_bgnbd,
 )
+from shared.policy import RiskPolicy
 
 # A B2B-like process in days: about one order a month while alive (r/alpha = 0.03/day), and a
 # drop-out chance of ~17% after each order.

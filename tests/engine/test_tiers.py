@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from services.scorer.engine.arrays import IntArray, ObjectArray
-from services.scorer.engine.policy import ScoringPolicy, TierRules, ValueWeights
 from services.scorer.engine.value import (
     AccountFeatures,
     PopulationPercentiles,
@@ -24,6 +23,7 @@ from services.scorer.engine.value import (
     value_score,
 )
 from shared.enums import Tier
+from shared.policy import ScoringPolicy, TierRules, ValueWeights
 
 POLICY = ScoringPolicy()
 
@@ -72,6 +72,7 @@ def _population(seed: int = 0, n: int = 2000) -> AccountFeatures:
         strategic_fit=rng.integers(1, 6, n).astype(np.float64),
         account_age_days=rng.uniform(100, 4000, n),
         profit_share_cum=cumulative_profit_share(profit),
+        credit_used=np.where(rng.random(n) < 0.5, np.nan, rng.uniform(0, 1.5, n)),
     )
 
 
@@ -161,7 +162,13 @@ def test_features_reject_unknown_columns() -> None:
 def test_good_account_tiers_by_score() -> None:
     features = _accounts({}, {}, {}, {})
     decision = decide_tier(features, [90.0, 65.0, 40.0, 10.0], POLICY)
-    assert _tiers(decision.tiers) == [Tier.strategic, Tier.key, Tier.developing, Tier.standard]
+    assert _tiers(decision.tiers) == [Tier.strategic, Tier.key, Tier.standard, Tier.standard]
+    # Developing is for accounts outside the profit core with potential: grow them.
+    outside = _accounts(*[{"profit_share_cum": 0.95, "strategic_fit": 5.0}] * 2)
+    assert _tiers(decide_tier(outside, [40.0, 10.0], POLICY).tiers) == [
+        Tier.developing,
+        Tier.standard,
+    ]
 
 
 def test_high_revenue_at_thin_margin_is_neither_key_nor_strategic(
@@ -178,22 +185,48 @@ def test_high_revenue_at_thin_margin_is_neither_key_nor_strategic(
 
 
 def test_high_margin_on_tiny_revenue_is_not_key() -> None:
-    tiny_rich = {"revenue_12m": 20_000.0, "gross_profit_12m": 12_000.0, "margin_rate": 0.6}
+    tiny_rich = {
+        "revenue_12m": 20_000.0,
+        "gross_profit_12m": 12_000.0,
+        "margin_rate": 0.6,
+        "profit_share_cum": 0.97,
+        "strategic_fit": 5.0,
+    }
     decision = decide_tier(
         _accounts(tiny_rich, {**tiny_rich, "strategic_fit": 2.0}), [95.0] * 2, POLICY
     )
     assert decision.gates["revenue_below_key_minimum"].all()
-    assert decision.tiers[0] is Tier.developing  # strategic fit 4: potential, not key
+    assert decision.tiers[0] is Tier.developing  # strategic fit 5: potential, not key
     assert decision.tiers[1] is Tier.standard
 
 
-def test_late_payer_is_capped() -> None:
+def test_a_late_payer_keeps_its_value_tier_with_a_flag_or_is_capped_at_key() -> None:
     features = _accounts({}, {"late_share": 0.45}, {"avg_days_late": 22.0})
     decision = decide_tier(features, [90.0] * 3, POLICY)
-    assert _tiers(decision.tiers) == [Tier.strategic, Tier.developing, Tier.developing]
+    assert _tiers(decision.tiers) == [Tier.strategic] * 3
+    assert list(decision.gates["late_payer"]) == [False, True, True]
+    assert not decision.gates["payment_cap_applied"].any()
+    capped = ScoringPolicy(tiers=TierRules(late_payment_cap="key"))
+    decision = decide_tier(features, [90.0] * 3, capped)
+    assert _tiers(decision.tiers) == [Tier.strategic, Tier.key, Tier.key]
     assert list(decision.gates["payment_cap_applied"]) == [False, True, True]
-    strict = ScoringPolicy(tiers=TierRules(poor_payment_cap=Tier.standard))
-    assert _tiers(decide_tier(features, [90.0] * 3, strict).tiers)[1:] == [Tier.standard] * 2
+
+
+def test_a_large_late_payer_is_never_developing() -> None:
+    # The second-largest customer pays late: whatever the cap, it ends no lower than key, and
+    # never "developing" (a label for small accounts worth growing).
+    large = {"late_share": 0.6, "avg_days_late": 30.0, "revenue_growth": 0.5}
+    for cap in ("none", "key"):
+        policy = ScoringPolicy(tiers=TierRules(late_payment_cap=cap))
+        for score in (62.0, 80.0):
+            tier = decide_tier(_accounts(large), [score], policy).tiers[0]
+            assert tier in (Tier.key, Tier.strategic), (cap, score, tier)
+
+
+def test_open_invoices_over_the_credit_limit_raise_a_credit_flag() -> None:
+    features = _accounts({"credit_used": 1.3}, {"credit_used": 0.4})
+    decision = decide_tier(features, [70.0] * 2, POLICY)
+    assert list(decision.gates["credit_limit_exceeded"]) == [True, False]
 
 
 def test_strategic_needs_the_profit_core() -> None:
@@ -255,16 +288,16 @@ def test_hovering_at_the_threshold_does_not_flap() -> None:
 
 def test_sustained_drop_demotes_after_n_evaluations() -> None:
     path = _run([58.0, 58.0, 58.0], start=Tier.key)
-    assert path == [Tier.key, Tier.key, Tier.developing]  # demote_after = 3
+    assert path == [Tier.key, Tier.key, Tier.standard]  # demote_after = 3
 
 
 def test_a_supporting_evaluation_resets_the_count() -> None:
     path = _run([58.0, 58.0, 61.0, 58.0, 58.0, 58.0], start=Tier.key)
-    assert path == [Tier.key] * 5 + [Tier.developing]
+    assert path == [Tier.key] * 5 + [Tier.standard]
 
 
 def test_falling_through_the_band_demotes_at_once() -> None:
-    assert _run([54.0], start=Tier.key) == [Tier.developing]
+    assert _run([54.0], start=Tier.key) == [Tier.standard]
     assert _run([69.0], start=Tier.strategic) == [Tier.key]
 
 

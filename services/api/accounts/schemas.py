@@ -25,7 +25,8 @@ DRIVERS_DESCRIPTION = (
     "Why the scorer decided as it did, as written by the scorer: `tier`, `value` and `risk` "
     "are lists of reasons, each with a `code` and a `text` a manager can read (tier reasons may "
     "carry the `value` and the `limit` it was held against; value and risk reasons their "
-    "`contribution`); `hysteresis` and `override` appear when they decided the tier. Read it as "
+    "`contribution`); `summary` states the risk in words; `hysteresis` (also first among the "
+    "tier reasons) and `override` appear when they decided the tier. Read it as "
     "an open JSON object: new keys may appear."
 )
 DRIVERS_EXAMPLE: dict[str, Any] = {

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Query
 
 from services.api.deps import PORTFOLIO_AFTER_COMMIT, SessionDep, require
 from services.api.errors import problems
 from services.api.keys.service import Principal
 from services.api.policy.schemas import PolicyDraft, PolicyUpdate, PolicyVersion
-from services.scorer.engine.policy import ScoringPolicy
 from services.scorer.policies import active_policy, create_policy_version
-from services.scorer.scoring import preview_policy
+from services.scorer.preview import preview_policy
 from shared.enums import Scope
 from shared.models import ScoringPolicy as ScoringPolicyRow
+from shared.policy import ScoringPolicy
 from shared.schemas import PolicyPreview
 
 router = APIRouter(prefix="/v1/scoring-policy", tags=["scoring policy"])
@@ -79,11 +79,22 @@ async def put_policy(
     summary="Preview a draft scoring policy",
     responses=problems(400, 401, 403, 413, 422, 503),
 )
-async def preview(body: PolicyDraft, session: SessionDep, _: PolicyWriter) -> PolicyPreview:
-    """What `policy` would publish for every account now, beside what is published: how many
-    accounts would move between which tiers and risk bands, and the tier counts before and
-    after. Hysteresis and managers' overrides are applied as the scorer would. Writes nothing:
-    no version is stored and no account changes.
+async def preview(
+    body: PolicyDraft,
+    session: SessionDep,
+    _: PolicyWriter,
+    offset: Annotated[int, Query(ge=0, le=1_000_000, description="First moved account.")] = 0,
+    limit: Annotated[int, Query(ge=1, le=500, description="Moved accounts per page.")] = 50,
+) -> PolicyPreview:
+    """What `policy` would publish for every account now, beside what the active policy would
+    publish at the same moment from the same state (the same hysteresis step and overrides):
+    previewing the active policy moves nothing. The answer has how many accounts move between
+    which tiers and risk bands, one page of the accounts that move (external id, name, from,
+    to, the draft's main reason), and the KPIs under both (accounts, revenue and gross profit
+    per tier, the profit share of key + strategic accounts, key accounts per manager against
+    capacity). A draft with other risk settings (horizon, occasion window, model, signal
+    weights) is evaluated with population facts fitted for it. Writes nothing: no version is
+    stored and no account changes.
 
     Needs scope `policy:write`: a preview evaluates the whole portfolio, which is work worth
     keeping for those who author the policy. The body is the same as for
@@ -92,6 +103,6 @@ async def preview(body: PolicyDraft, session: SessionDep, _: PolicyWriter) -> Po
     # Whatever the evaluation touches is undone, so a preview can never publish anything.
     savepoint = await session.begin_nested()
     try:
-        return await preview_policy(session, draft=body.policy)
+        return await preview_policy(session, draft=body.policy, offset=offset, limit=limit)
     finally:
         await savepoint.rollback()

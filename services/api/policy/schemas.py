@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from services.scorer.engine.policy import ScoringPolicy
+from shared.policy import ScoringPolicy
 
 
 def _strictly(body: Any) -> Any:

@@ -51,7 +51,7 @@ from services.api.web.session import (
     start_session,
 )
 from services.scorer.policies import active_policy, create_policy_version
-from services.scorer.scoring import preview_policy
+from services.scorer.preview import preview_policy
 from shared.enums import RiskBand, Scope, Tier
 from shared.settings import Settings
 

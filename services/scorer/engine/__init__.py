@@ -5,10 +5,12 @@ and small immutable inputs and outputs. The jobs load features in SQL, call thes
 results, so the same code serves the portfolio pass, a single rescore, the policy preview and
 the backtest.
 
-- ``policy``: the scoring policy body (weights, gates, thresholds) with validated defaults.
+- ``policy`` (re-exported from ``shared.policy``): the scoring policy body with its defaults.
 - ``value``: value score 0-100, tier gates, hysteresis, manager overrides.
 - ``retention``: BG/NBD fit and the no-purchase probability, behavioural log-odds adjustment,
   Platt calibration, calibration table, AUC, Brier, risk bands.
+- ``pareto``: the Pareto/NBD model beside it; ``combined``: the two together and the layer
+  learned from a replay of history.
 - ``drivers``: the reasons in words.
 - ``history``: per-account purchase summaries (the model's x, t_x, T and the order facts) from
   dated transactions, for the backtest.
@@ -21,15 +23,19 @@ from services.scorer.engine.drivers import (
     explain_value,
     top_risk_drivers,
 )
-from services.scorer.engine.history import PurchaseSummary, ordered_within, summarise_purchases
-from services.scorer.engine.policy import (
-    DEFAULT_POLICY,
-    Hysteresis,
-    RiskPolicy,
-    ScoringPolicy,
-    SignalWeights,
-    TierRules,
-    ValueWeights,
+from services.scorer.engine.history import (
+    PurchaseSummary,
+    occasion_starts,
+    ordered_within,
+    summarise_purchases,
+)
+from services.scorer.engine.pareto import (
+    ParetoNbdParams,
+    fit_pareto_nbd,
+    p_alive_pareto,
+    p_no_purchase_within_pareto,
+    pareto_nbd_log_likelihood,
+    simulate_pareto_nbd,
 )
 from services.scorer.engine.retention import (
     IDENTITY_CALIBRATION,
@@ -43,6 +49,7 @@ from services.scorer.engine.retention import (
     SimulatedCohort,
     adjust_log_odds,
     apply_platt,
+    assess_base_risk,
     assess_risk,
     auc,
     behaviour_signals,
@@ -75,6 +82,15 @@ from services.scorer.engine.value import (
     tier_codes,
     value_score,
 )
+from shared.policy import (
+    DEFAULT_POLICY,
+    Hysteresis,
+    RiskPolicy,
+    ScoringPolicy,
+    SignalWeights,
+    TierRules,
+    ValueWeights,
+)
 
 __all__ = [
     "DEFAULT_POLICY",
@@ -88,6 +104,7 @@ __all__ = [
     "Driver",
     "Hysteresis",
     "InsufficientDataError",
+    "ParetoNbdParams",
     "PlattCalibration",
     "PopulationPercentiles",
     "PurchaseSummary",
@@ -104,6 +121,7 @@ __all__ = [
     "apply_hysteresis",
     "apply_override",
     "apply_platt",
+    "assess_base_risk",
     "assess_risk",
     "auc",
     "behaviour_signals",
@@ -117,17 +135,23 @@ __all__ = [
     "explain_tier",
     "explain_value",
     "fit_bgnbd",
+    "fit_pareto_nbd",
     "fit_platt",
     "fit_signal_weights",
+    "occasion_starts",
     "ordered_within",
     "override_active",
     "p_alive",
+    "p_alive_pareto",
     "p_no_purchase_within",
+    "p_no_purchase_within_pareto",
+    "pareto_nbd_log_likelihood",
     "percentile_rank",
     "population_percentiles",
     "risk_band",
     "score_breakdown",
     "simulate_bgnbd",
+    "simulate_pareto_nbd",
     "summarise_purchases",
     "tier_codes",
     "top_risk_drivers",

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from services.scorer.engine.arrays import BoolArray, FloatArray, ObjectArray
-from services.scorer.engine.policy import ScoringPolicy
 from services.scorer.engine.retention import BehaviourFacts
 from services.scorer.engine.value import AccountFeatures, ValueScore, tier_threshold
 from shared.enums import Tier
+from shared.policy import ScoringPolicy
 
 SATISFACTION_LABELS = {
     1: "very dissatisfied",
@@ -99,7 +99,7 @@ def _risk_text(code: str, i: int, facts: BehaviourFacts) -> str:
         if not _known(since):
             return "no order on record"
         if _known(gap):
-            return f"no order for {_days(since)}; usually orders every {round(gap)}"
+            return f"no order for {_days(since)}; usually orders every {_days(gap)}"
         return f"no order for {_days(since)}; too few orders to know the usual rhythm"
     if code == "satisfaction_drop":
         last = float(facts.satisfaction_last[i])
@@ -242,7 +242,8 @@ def explain_tier(
             )
         revenue = float(features.revenue_12m[i])
         # Small revenue is only worth saying where it is what kept the account from key.
-        if gates["revenue_below_key_minimum"][i] and s >= rules.key_threshold:
+        below_minimum = gates["revenue_below_key_minimum"][i]
+        if below_minimum and gates["outside_profit_core"][i] and s >= rules.key_threshold:
             reasons.append(
                 Driver(
                     "revenue_below_key_minimum",
@@ -255,26 +256,34 @@ def explain_tier(
         if gates["late_payer"][i]:
             share = float(features.late_share[i])
             late_days = float(features.avg_days_late[i])
-            if _known(share) and share > rules.late_share_limit:
-                reasons.append(
-                    Driver(
-                        "late_payer",
-                        f"pays late on {_percent(share)} of invoices (limit "
-                        f"{_percent(rules.late_share_limit)})",
-                        value=share,
-                        limit=rules.late_share_limit,
-                    )
+            parts = []
+            if _known(share):
+                parts.append(f"{_percent(share)} of invoices")
+            if _known(late_days) and late_days > 0:
+                parts.append(f"{_days(late_days)} late on average")
+            limits = (
+                f"limits {_percent(rules.late_share_limit)} of invoices, "
+                f"{_days(rules.avg_days_late_limit)} late"
+            )
+            flag = "" if capped else "; credit flag, the tier stays"
+            reasons.append(
+                Driver(
+                    "late_payer",
+                    f"pays late: {', '.join(parts)} ({limits}){flag}",
+                    value=share,
+                    limit=rules.late_share_limit,
                 )
-            if _known(late_days) and late_days > rules.avg_days_late_limit:
-                reasons.append(
-                    Driver(
-                        "late_payer",
-                        f"pays {late_days:.0f} days late on average (limit "
-                        f"{rules.avg_days_late_limit:.0f})",
-                        value=late_days,
-                        limit=rules.avg_days_late_limit,
-                    )
+            )
+        if gates["credit_limit_exceeded"][i]:
+            used = float(features.credit_used[i])
+            reasons.append(
+                Driver(
+                    "credit_limit_exceeded",
+                    f"open invoices at {_percent(used)} of the credit limit",
+                    value=used,
+                    limit=1.0,
                 )
+            )
         if capped:
             reasons.append(
                 Driver("payment_cap_applied", f"tier capped at {tier.value} until payments improve")

@@ -1,10 +1,13 @@
 """Per-account purchase summaries from dated transactions: the retention model's inputs.
 
-The service computes these numbers in SQL from its stored orders; the backtest computes them here
+The service computes these numbers in SQL from the stored orders; the backtest computes them here
 from a transactions file, with the same definitions (see ``retention``): days are whole calendar
 days given as day numbers (e.g. ``date.toordinal()``), an *order* is a transaction with a positive
-amount, and orders on the same day count once. Transactions with zero or negative amounts (credit
-notes, returns) are not orders but do count in revenue.
+amount, and the purchase process counts buying *occasions*: an order placed less than
+``occasion_window_days`` days after the first order of the current occasion belongs to it, the
+next one opens a new occasion (with a window of 1, each order day is an occasion). The service's
+SQL function ``kam_purchase_occasions`` applies the same rule. Transactions with zero or negative
+amounts (credit notes, returns) are not orders but do count in revenue.
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ YEAR_DAYS = 365
 class PurchaseSummary:
     """One row per account code ``0 .. accounts - 1`` as of an evaluation day.
 
-    ``frequency``, ``recency`` and ``age`` are the BG/NBD ``x``, ``t_x`` and ``T`` in days;
-    ``order_days`` is ``x + 1``. Accounts without an order on or before the evaluation day have
+    ``frequency``, ``recency`` and ``age`` are the BG/NBD ``x``, ``t_x`` and ``T`` in days,
+    counted in buying occasions; ``order_days`` is the number of distinct order days (what the
+    "order count" baseline ranks by). Accounts without an order on or before the evaluation day have
     nan there (no purchase process to model) and zero revenue. Revenue is the net sum of the
     amounts in the 12 months up to the evaluation day and in the 12 months before those.
     """
@@ -95,12 +99,49 @@ def _int_column(values: ArrayLike, name: str) -> IntArray:
     return array.astype(np.int64, copy=False)
 
 
+def occasion_starts(key_codes: IntArray, key_days: IntArray, window_days: int) -> BoolArray:
+    """Which entries open a buying occasion, for distinct (account, day) entries sorted by
+    account then day: each account's first entry, then the first entry at least
+    ``window_days`` after the current occasion's first day, and so on.
+
+    The rule is sequential, so it runs in rounds, one occasion of every account at a time (a
+    binary search each), not in a Python loop over orders."""
+    if window_days < 1:
+        raise ValueError("window_days must be at least 1")
+    n = len(key_codes)
+    starts = np.zeros(n, dtype=np.bool_)
+    if not n:
+        return starts
+    # One ascending key per entry (the caller's sort order): the account, then the day.
+    origin = int(key_days.min())
+    span = int(key_days.max()) - origin + window_days + 1
+    keys = key_codes * span + (key_days - origin)
+    current = np.flatnonzero(np.r_[True, key_codes[1:] != key_codes[:-1]])
+    while current.size:
+        starts[current] = True
+        # The account's first entry at or past the end of this occasion's window (the span
+        # leaves room for the window, so the target never reaches the next account's keys).
+        targets = key_codes[current] * span + (key_days[current] + window_days - origin)
+        following = np.searchsorted(keys, targets, side="left")
+        inside = following < n
+        following, current = following[inside], current[inside]
+        current = following[key_codes[following] == key_codes[current]]
+    return starts
+
+
 def summarise_purchases(
-    account: ArrayLike, day: ArrayLike, amount: ArrayLike, *, accounts: int, as_of: int
+    account: ArrayLike,
+    day: ArrayLike,
+    amount: ArrayLike,
+    *,
+    accounts: int,
+    as_of: int,
+    occasion_window_days: int = 1,
 ) -> PurchaseSummary:
     """Summarise transactions (``account`` codes ``0 .. accounts - 1``, integer ``day``
     numbers, ``amount``) as of the end of day ``as_of``. Transactions after ``as_of`` are
-    ignored, so the summary is what the service would have known on that day."""
+    ignored, so the summary is what the service would have known on that day. The purchase
+    process counts occasions of ``occasion_window_days`` (the policy's setting)."""
     codes = _int_column(account, "account")
     days = _int_column(day, "day")
     amounts = as_float_array(amount, "amount")
@@ -131,11 +172,22 @@ def summarise_purchases(
     recency = np.full(accounts, np.nan)
     age = np.full(accounts, np.nan)
     since_last = np.full(accounts, np.nan)
+    distinct_days = np.full(accounts, np.nan)
     first, last = key_days[starts], key_days[ends]
-    frequency[owners] = ends - starts
-    recency[owners] = last - first
+    opens = occasion_starts(key_codes, key_days, occasion_window_days)
+    opening = np.flatnonzero(opens)
+    if len(keys):
+        occasions = np.add.reduceat(opens.astype(np.int64), starts)
+        # The last occasion's first day: the latest opening entry at or before each account's
+        # last entry.
+        last_opening = opening[np.searchsorted(opening, ends, side="right") - 1]
+    else:
+        occasions = last_opening = starts
+    frequency[owners] = occasions - 1
+    recency[owners] = key_days[last_opening] - first
     age[owners] = as_of - first
     since_last[owners] = as_of - last
+    distinct_days[owners] = ends - starts + 1
 
     def revenue(after: int, until: int) -> FloatArray:
         window = known & (days > after) & (days <= until)
@@ -146,7 +198,7 @@ def summarise_purchases(
         frequency=frequency,
         recency=recency,
         age=age,
-        order_days=frequency + 1.0,
+        order_days=distinct_days,
         days_since_last_order=since_last,
         revenue_12m=revenue(as_of - YEAR_DAYS, as_of),
         revenue_previous_12m=revenue(as_of - 2 * YEAR_DAYS, as_of - YEAR_DAYS),

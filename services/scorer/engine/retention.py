@@ -38,8 +38,8 @@ from services.scorer.engine.arrays import (
     as_float_array,
     same_length,
 )
-from services.scorer.engine.policy import RiskPolicy
 from shared.enums import RiskBand
+from shared.policy import RiskPolicy
 
 MIN_CUSTOMERS = 20
 """Fewer accounts than this cannot identify four parameters; the fit refuses rather than guess."""
@@ -828,6 +828,28 @@ def assess_risk(
     is not reported as a reason. Accounts without any order give nan risk and no band.
     """
     base = p_no_purchase_within(params, x, t_x, T, float(policy.horizon_days))
+    return assess_base_risk(
+        base,
+        facts,
+        policy,
+        calibration=calibration,
+        signal_weights=signal_weights,
+        reference_p=reference_p,
+    )
+
+
+def assess_base_risk(
+    base_p: ArrayLike,
+    facts: BehaviourFacts,
+    policy: RiskPolicy,
+    *,
+    calibration: PlattCalibration = IDENTITY_CALIBRATION,
+    signal_weights: Mapping[str, float] | None = None,
+    reference_p: float = 0.5,
+) -> RiskAssessment:
+    """``assess_risk`` from a base probability already computed (by one population model or a
+    combination of them, see ``combined``)."""
+    base = as_float_array(base_p, "base_p")
     weights = (
         dict(signal_weights) if signal_weights is not None else policy.signal_weights.model_dump()
     )

@@ -30,8 +30,8 @@ from services.scorer.engine.arrays import (
     as_float_array,
     same_length,
 )
-from services.scorer.engine.policy import ScoringPolicy
 from shared.enums import Tier
+from shared.policy import ScoringPolicy
 
 # Tiers as integers, lowest first, so that "cap at", "promote" and "demote" are comparisons.
 TIER_ORDER: tuple[Tier, ...] = (Tier.standard, Tier.developing, Tier.key, Tier.strategic)
@@ -57,6 +57,8 @@ class AccountFeatures:
       portfolio's gross profit brought by all accounts ranked at or above it by gross profit
       (see ``cumulative_profit_share``). Accounts at or below ``profit_core_share`` are inside
       the profit core.
+    - ``credit_used``: open invoices over the account's credit limit (1.2 = 20% over); nan
+      without a credit limit.
     """
 
     revenue_12m: FloatArray
@@ -72,6 +74,7 @@ class AccountFeatures:
     strategic_fit: FloatArray
     account_age_days: FloatArray
     profit_share_cum: FloatArray
+    credit_used: FloatArray
 
     def __post_init__(self) -> None:
         columns = {f.name: as_float_array(getattr(self, f.name), f.name) for f in fields(self)}
@@ -298,11 +301,13 @@ class TierDecision(NamedTuple):
     ``gates`` maps a gate name to a boolean column:
 
     - ``margin_below_floor``: gross margin below the floor (or unknown): never key or strategic.
-    - ``revenue_below_key_minimum``: revenue below the minimum for key accounts: never key or
-      strategic, however good the margin.
-    - ``late_payer``: late share or average lateness above the limit: tier capped.
+    - ``revenue_below_key_minimum``: revenue below the minimum for key accounts: never
+      strategic, and key only from inside the profit core.
+    - ``late_payer``: late share or average lateness above the limit: a credit flag (and, with
+      ``late_payment_cap: key``, strategic capped at key).
+    - ``credit_limit_exceeded``: open invoices above the account's credit limit: a credit flag.
     - ``outside_profit_core``: not among the accounts bringing the core share of gross profit:
-      never strategic.
+      never strategic, and the only accounts that can be developing.
     - ``fast_growth`` / ``high_strategic_fit``: the potential that can make an account developing.
     - ``payment_cap_applied``: the cap actually lowered the tier.
     """
@@ -316,12 +321,16 @@ def decide_tier(features: AccountFeatures, score: ArrayLike, policy: ScoringPoli
 
     - strategic: score >= strategic threshold, inside the profit core, margin at or above the
       floor, revenue at or above the key minimum;
-    - key: score >= key threshold, margin and revenue gates passed;
-    - developing: margin at or above the floor and potential (growth >= the policy's minimum or
-      strategic fit >= the policy's minimum), score >= the developing threshold;
+    - key: score >= key threshold, margin at or above the floor, and inside the profit core or
+      revenue at or above the key minimum (the 80/20 rule names the key accounts of a portfolio
+      whatever its scale; the minimum admits large accounts just outside the core);
+    - developing: outside the profit core, margin at or above the floor and potential (growth
+      >= the policy's minimum or strategic fit >= the policy's minimum), score >= the
+      developing threshold: a smaller account worth growing into a key account;
     - standard: everything else.
-    Then a late payer is capped at ``poor_payment_cap``: credit is a condition of key status,
-    and the account keeps the cap until it pays on time again.
+    A late payer keeps that tier with a credit flag; with ``late_payment_cap: key`` a strategic
+    late payer is capped at key. Never lower: a large account that pays late is a credit
+    question, not a small account to develop.
     """
     rules = policy.tiers
     scores = as_float_array(score, "score")
@@ -342,27 +351,31 @@ def decide_tier(features: AccountFeatures, score: ArrayLike, policy: ScoringPoli
         above_key = scores >= rules.key_threshold
         above_developing = scores >= rules.developing_threshold
 
-    key_eligible = margin_ok & revenue_ok
+    key_eligible = margin_ok & (revenue_ok | in_core)
     code = np.where(
-        key_eligible & in_core & above_strategic,
+        margin_ok & revenue_ok & in_core & above_strategic,
         _TIER_CODE[Tier.strategic],
         np.where(
             key_eligible & above_key,
             _TIER_CODE[Tier.key],
             np.where(
-                margin_ok & (fast_growth | high_fit) & above_developing,
+                margin_ok & ~in_core & (fast_growth | high_fit) & above_developing,
                 _TIER_CODE[Tier.developing],
                 _TIER_CODE[Tier.standard],
             ),
         ),
     ).astype(np.int64)
-    cap = _TIER_CODE[Tier(rules.poor_payment_cap)]
-    capped = late_payer & (code > cap)
-    code = np.where(capped, cap, code)
+    with np.errstate(invalid="ignore"):
+        over_credit = features.credit_used > 1.0
+    capped = np.zeros(len(code), dtype=np.bool_)
+    if rules.late_payment_cap == "key":
+        capped = late_payer & (code > _TIER_CODE[Tier.key])
+        code = np.where(capped, _TIER_CODE[Tier.key], code)
     gates: dict[str, BoolArray] = {
         "margin_below_floor": ~margin_ok,
         "revenue_below_key_minimum": ~revenue_ok,
         "late_payer": late_payer,
+        "credit_limit_exceeded": over_credit,
         "outside_profit_core": ~in_core,
         "fast_growth": fast_growth,
         "high_strategic_fit": high_fit,

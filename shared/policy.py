@@ -13,8 +13,6 @@ from typing import Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from shared.enums import Tier
-
 
 class _PolicyModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -48,14 +46,20 @@ class ValueWeights(_PolicyModel):
 class TierRules(_PolicyModel):
     """Score thresholds and the gates that encode the key-account rules.
 
-    Revenue alone never makes a key account: ``key`` and ``strategic`` need a gross margin at or
-    above ``margin_floor``, revenue at or above ``min_revenue_key`` and healthy payment; an
+    Revenue alone never makes a key account: ``key`` needs a gross margin at or above
+    ``margin_floor`` and either a place inside the profit core (the 80/20 line below) or revenue
+    at or above ``min_revenue_key`` (a large account just outside the core); ``strategic`` needs
+    the margin, the profit core and that revenue. An
     account paying late on more than ``late_share_limit`` of its invoices, or more than
-    ``avg_days_late_limit`` days late on average, is capped at ``poor_payment_cap``.
+    ``avg_days_late_limit`` days late on average, is a late payer: it keeps the tier its value
+    earns with a credit flag and a driver (``late_payment_cap: none``), or is capped at ``key``
+    (``late_payment_cap: key``). Either way a late payer never ends below the tier an account of
+    the same value that is not a key-account candidate would get: paying late is a credit
+    question, not a reason to call a large customer "developing".
     ``strategic`` also needs the account inside the group that brings ``profit_core_share`` of
-    the gross profit (the 80/20 line). ``developing`` is for accounts with potential: growing
-    at least ``developing_min_growth`` on the previous 12 months, or with a strategic fit of at
-    least ``developing_min_fit``, at a margin at or above the floor.
+    the gross profit (the 80/20 line). ``developing`` is for accounts *outside* that core with
+    potential: growing at least ``developing_min_growth`` on the previous 12 months, or with a
+    strategic fit of at least ``developing_min_fit``, at a margin at or above the floor.
     """
 
     strategic_threshold: float = Field(default=75.0, ge=0, le=100)
@@ -66,9 +70,9 @@ class TierRules(_PolicyModel):
     profit_core_share: float = Field(default=0.8, gt=0, le=1)
     late_share_limit: float = Field(default=0.3, ge=0, le=1)
     avg_days_late_limit: float = Field(default=15.0, ge=0)
-    poor_payment_cap: Literal[Tier.developing, Tier.standard] = Tier.developing
+    late_payment_cap: Literal["none", "key"] = "none"
     developing_min_growth: float = Field(default=0.25, ge=0)
-    developing_min_fit: int = Field(default=4, ge=1, le=5)
+    developing_min_fit: int = Field(default=5, ge=1, le=5)
 
     @model_validator(mode="after")
     def _ordered(self) -> Self:
@@ -110,6 +114,17 @@ class RiskPolicy(_PolicyModel):
     """Retention risk: the horizon of the no-purchase probability, the band thresholds and the
     behavioural adjustment.
 
+    ``occasion_window_days``: orders placed less than this many days after the first order of a
+    buying occasion belong to that occasion; the purchase-process models count occasions, not
+    orders (real purchase logs come in bursts: counted per day, a burst reads as fast buying and
+    the silence after it as defection). 1 counts calendar days. Revenue, margin and order counts
+    are not affected.
+
+    ``model``: how the two population models (BG/NBD and Pareto/NBD, both fitted in the portfolio
+    pass) are combined into the base probability: ``auto`` averages them unless the replay of
+    the service's own history shows one of them (or the average) predicting held-out accounts
+    best; ``average``, ``bgnbd`` and ``pareto_nbd`` fix the choice.
+
     ``band_thresholds`` are the lower edges of medium, high and critical: a risk of 0.5 with
     the defaults is ``high``. ``usual_contact_gap_days`` is the gap between interactions that
     counts as normal; the contact-gap signal grows from there and saturates at
@@ -118,6 +133,8 @@ class RiskPolicy(_PolicyModel):
     """
 
     horizon_days: int = Field(default=90, ge=7, le=730)
+    occasion_window_days: int = Field(default=7, ge=1, le=90)
+    model: Literal["auto", "average", "bgnbd", "pareto_nbd"] = "auto"
     band_thresholds: tuple[float, float, float] = (0.25, 0.5, 0.75)
     signal_weights: SignalWeights = SignalWeights()
     usual_contact_gap_days: float = Field(default=60.0, gt=0)
@@ -132,6 +149,22 @@ class RiskPolicy(_PolicyModel):
         return self
 
 
+class PopulationRules(_PolicyModel):
+    """When the population facts (percentiles, the 80/20 curve, the retention models) are fitted.
+
+    Below ``min_fit_accounts`` active accounts with orders the retention models are not fitted:
+    the documented prior is used and every risk says so. When the accounts with orders grew by
+    more than ``refit_growth_share`` since the last fit, or more than ``bulk_load_share`` of the
+    accounts changed since it (a bulk load), a full portfolio pass runs as soon as no new data
+    arrived for ``quiet_seconds``, instead of waiting for the hourly pass.
+    """
+
+    min_fit_accounts: int = Field(default=100, ge=20, le=1_000_000)
+    refit_growth_share: float = Field(default=0.2, gt=0, le=10)
+    bulk_load_share: float = Field(default=0.2, gt=0, le=1)
+    quiet_seconds: int = Field(default=60, ge=5, le=3600)
+
+
 class ScoringPolicy(_PolicyModel):
     """The whole policy body. ``ScoringPolicy()`` is the default policy."""
 
@@ -139,6 +172,7 @@ class ScoringPolicy(_PolicyModel):
     tiers: TierRules = TierRules()
     hysteresis: Hysteresis = Hysteresis()
     risk: RiskPolicy = RiskPolicy()
+    population: PopulationRules = PopulationRules()
 
 
 DEFAULT_POLICY = ScoringPolicy()

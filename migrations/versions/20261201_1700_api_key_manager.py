@@ -1,8 +1,8 @@
 """an API key may be restricted to one key-account manager's accounts
 
 Revision ID: 5d1c8e4b7a02
-Revises: 3a7e5c1f9d24
-Create Date: 2026-12-01 15:30:00+00:00
+Revises: 5d2b8e4a7c13
+Create Date: 2026-12-01 17:00:00+00:00
 """
 
 from collections.abc import Sequence
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "5d1c8e4b7a02"
-down_revision: str | None = "3a7e5c1f9d24"
+down_revision: str | None = "5d2b8e4a7c13"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
