@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import json
 import os
 import re
 import socket
@@ -346,8 +347,15 @@ async def test_managers_lost_and_policy_pages(head: Session) -> None:
     assert await page.locator("#lost tbody tr").count() > 0
     await _shot(page, "lost")
     await page.goto("/app/policy")
+    draft = page.get_by_label("Draft policy")
+    policy = json.loads(await draft.input_value())
+    policy["tiers"]["key_threshold"] += 10  # a stricter bar for key accounts
+    await draft.fill(json.dumps(policy, indent=2))
     await page.get_by_role("button", name="Preview the draft").click()
     await expect(page.get_by_role("heading", name="What this draft would change")).to_be_visible()
+    moved = page.locator("#preview tr", has=page.locator("th", has_text="moved total"))
+    assert int((await moved.locator("td").first.text_content() or "0").replace(",", "")) > 0
+    await expect(page.locator("#preview").get_by_text("tier moves")).to_be_visible()
     await _shot(page, "policy-preview")
 
 
