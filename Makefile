@@ -3,11 +3,13 @@
 # KAM_REDIS_URL are not set) an embedded Postgres and Redis are set up on first use.
 
 PYTHON ?= python3
+# The browser the workspace's tests drive (Debian's package; no browser is downloaded).
+CHROMIUM ?= /usr/bin/chromium
 VENV ?= .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install run test lint format bench bench-ingest bench-score bench-webhooks soak clean
+.PHONY: install run test lint format bench bench-ingest bench-score bench-webhooks bench-web soak clean
 
 install: $(INSTALLED)
 
@@ -27,8 +29,9 @@ PORT ?= 8000
 run: install ## set up and run the API and the scorer on http://$(HOST):$(PORT) (make run PORT=8001)
 	KAM_HOST=$(HOST) KAM_PORT=$(PORT) $(BIN)/kam dev
 
-test: install ## the whole suite against real Postgres and Redis
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+test: install ## the whole suite against real Postgres and Redis, and Chromium for the workspace
+	@test -x $(CHROMIUM) || { echo "make test: Chromium is missing ($(CHROMIUM)); the workspace's browser tests need it: apt-get install -y chromium" >&2; exit 1; }
+	KAM_CHROMIUM=$(CHROMIUM) $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: install ## ruff and mypy --strict (alembic check runs in the test suite)
 	$(BIN)/ruff check .
@@ -39,7 +42,7 @@ format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-bench: bench-ingest bench-score bench-webhooks ## every benchmark, each figure beside its ceiling
+bench: bench-ingest bench-score bench-webhooks bench-web ## every benchmark, each figure beside its ceiling
 
 bench-ingest: install
 	$(BIN)/python -m bench.ingest
@@ -52,6 +55,9 @@ bench-webhooks: install ## order to verified webhook, delivery throughput beside
 
 soak: install ## ten minutes of mixed load, watched each minute; then everything must drain
 	$(BIN)/python -m bench.soak $(SOAK_ARGS)
+
+bench-web: install ## p95 server time of every workspace page beside the bare /healthz
+	$(BIN)/python -m bench.web
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

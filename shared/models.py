@@ -319,7 +319,8 @@ class ContactErasure(Base):
 
 
 class ApiKey(Base):
-    """An API key. Only a SHA-256 of the key is kept; ``prefix`` finds the row."""
+    """An API key. Only a SHA-256 of the key is kept; ``prefix`` finds the row. A key with a
+    ``manager_external_id`` is restricted to that manager's accounts."""
 
     __tablename__ = "api_keys"
 
@@ -328,6 +329,8 @@ class ApiKey(Base):
     prefix: Mapped[str] = mapped_column(String(16), unique=True)
     key_hash: Mapped[str] = mapped_column(String(64))
     scopes: Mapped[list[str]] = mapped_column(ARRAY(String(32)))
+    # When set, the key sees only the accounts of this manager (by the manager's external id).
+    manager_external_id: Mapped[str | None] = mapped_column(String(EXTERNAL_ID_LENGTH))
     created_at: Mapped[datetime] = _created()
     last_used_at: Mapped[datetime | None]
     revoked_at: Mapped[datetime | None]

@@ -7,7 +7,7 @@ from functools import lru_cache
 from typing import Annotated, Self
 
 from limits import parse as parse_limit
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -168,6 +168,23 @@ class Settings(BaseSettings):
         "stay (the scorer drops the bodies daily).",
     )
 
+    # The workspace (/app/): people sign in with an API key for a signed session cookie.
+    session_secret: SecretStr | None = Field(
+        default=None,
+        description="Signs the workspace's session cookies (32+ random characters). The API "
+        "refuses to start without it in production; elsewhere a random one per process is used "
+        "when unset.",
+    )
+    session_ttl_s: int = Field(
+        default=8 * 3600, ge=60, description="How long a workspace sign-in lasts."
+    )
+    reporting_currency: str = Field(
+        default="EUR",
+        pattern=r"^[A-Z]{3}$",
+        description="The currency the workspace shows summed money in (amounts are summed as "
+        "sent, not converted).",
+    )
+
     # Development only: where `kam dev` keeps the embedded Postgres and Redis.
     data_dir: str = ".kam"
 
@@ -195,6 +212,7 @@ class Settings(BaseSettings):
                 raise ValueError(f"{', '.join(missing)} must be set in production")
             if self.webhook_allowed_hosts:
                 raise ValueError("KAM_WEBHOOK_ALLOWED_HOSTS must be empty in production")
+
         return self
 
 

@@ -28,13 +28,15 @@ from services.api.portfolio.router import router as portfolio_router
 from services.api.privacy.router import router as privacy_router
 from services.api.query import reject_unknown_query_params
 from services.api.ratelimit import RateLimiter
+from services.api.web.assets import SecurityHeaders
+from services.api.web.router import install_workspace
 from services.api.webhooks.router import router as webhooks_router
 from services.logging import configure_logging
 from services.tracing import instrument_clients, tracer_provider
 from shared.db import create_engine, create_sessionmaker
 from shared.queue import create_redis
 from shared.schemas import Event
-from shared.settings import Settings, get_settings
+from shared.settings import Environment, Settings, get_settings
 
 DESCRIPTION = """
 KAM keeps, for every customer account, its **key-account tier** and its **retention risk**,
@@ -70,6 +72,13 @@ def create_app(
     """The API. ``tracing`` overrides the provider the ``OTEL_*`` variables would give (tests
     pass one with an in-memory exporter)."""
     settings = settings or get_settings()
+    if settings.env is Environment.production:
+        secret = settings.session_secret.get_secret_value() if settings.session_secret else ""
+        if len(secret) < 32:
+            raise ValueError(
+                "KAM_SESSION_SECRET must be set in production (32+ random characters, e.g. "
+                "`openssl rand -hex 32`): it signs the workspace's session cookies"
+            )
     configure_logging(settings)
     provider = tracing or tracer_provider("kam-api")
 
@@ -98,6 +107,9 @@ def create_app(
         description=DESCRIPTION,
         lifespan=lifespan,
         dependencies=[Depends(reject_unknown_query_params)],
+        # Served by the workspace from packaged assets: the default pages load from a CDN.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.key_verifier = KeyVerifier(ttl_s=settings.key_cache_ttl_s)
@@ -108,6 +120,7 @@ def create_app(
         max_bytes=settings.max_body_bytes,
         read_timeout_s=settings.body_read_timeout_s,
     )
+    app.add_middleware(SecurityHeaders)
     app.add_middleware(RequestContext)  # added last: the outermost, it sees every answer
     for router in (
         health_router,
@@ -121,6 +134,7 @@ def create_app(
         webhooks_router,
     ):
         app.include_router(router)
+    install_workspace(app)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     if provider is not None:
         FastAPIInstrumentor.instrument_app(

@@ -94,14 +94,19 @@ async def _session(settings: Settings) -> AsyncIterator[AsyncSession]:
         await engine.dispose()
 
 
-async def _create_key(settings: Settings, name: str, scopes: str) -> str:
+async def _create_key(
+    settings: Settings, name: str, scopes: str, manager: str | None = None
+) -> str:
     try:
         parsed = parse_scopes(scopes)
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
     async with _session(settings) as session:
-        key, plaintext = await create_api_key(session, name=name, scopes=parsed)
-    print(f"created key {key.prefix} ({name}) with scopes {','.join(s.value for s in parsed)}")
+        key, plaintext = await create_api_key(session, name=name, scopes=parsed, manager=manager)
+    only = f", restricted to manager {manager}'s accounts" if manager else ""
+    print(
+        f"created key {key.prefix} ({name}) with scopes {','.join(s.value for s in parsed)}{only}"
+    )
     print("store it now, it is not shown again:")
     return plaintext
 
@@ -253,7 +258,8 @@ def _supervise(database_url: str, redis_url: str, host: str, port: int, scorer_p
         print(
             f"KAM is running: http://{host}:{port} (docs at http://{host}:{port}/docs"
             + (f", scorer metrics at http://{host}:{scorer_port}/metrics" if scorer_port else "")
-            + "). Ctrl-C stops it.",
+            + f"). Open the workspace at http://{host}:{port}/app/ and sign in with the key "
+            "printed above. Ctrl-C stops it.",
             flush=True,
         )
     else:
@@ -351,6 +357,12 @@ def build_parser() -> argparse.ArgumentParser:
     create = keys_sub.add_parser("create", help="create a key; prints it once, as the last line")
     create.add_argument("--name", required=True)
     create.add_argument("--scopes", required=True, help="comma-separated, e.g. events:write")
+    create.add_argument(
+        "--manager",
+        default=None,
+        metavar="M",
+        help="restrict the key to the accounts of the manager with external id M",
+    )
     keys_sub.add_parser("list", help="list keys (never the keys themselves)")
     revoke = keys_sub.add_parser("revoke", help="revoke a key by prefix or id")
     revoke.add_argument("key")
@@ -421,7 +433,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         case "keys":
             with _database(settings) as settings:
                 if args.keys_command == "create":
-                    print(asyncio.run(_create_key(settings, args.name, args.scopes)))
+                    print(asyncio.run(_create_key(settings, args.name, args.scopes, args.manager)))
                 elif args.keys_command == "list":
                     asyncio.run(_list_keys(settings))
                 else:

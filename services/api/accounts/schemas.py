@@ -91,6 +91,20 @@ class AccountSummary(BaseModel):
     risk_band: RiskBand | None
     risk_probability: float | None
     value_score: float | None
+    revenue_12m: float | None = Field(
+        default=None, description="Net revenue of the 12 months, as of the latest evaluation."
+    )
+    gross_profit_12m: float | None = Field(
+        default=None, description="Gross profit of the 12 months, as of the latest evaluation."
+    )
+    gross_profit_at_risk: float | None = Field(
+        default=None,
+        description="Expected gross profit at risk: `risk_probability` x `gross_profit_12m` "
+        "(null until the account is scored).",
+    )
+    first_risk_driver: str | None = Field(
+        default=None, description="The strongest reason behind the risk, in words."
+    )
 
 
 class AccountOut(AccountSummary):
@@ -110,6 +124,7 @@ class AccountSort(StrEnum):
 
     id = "id"
     risk = "risk"
+    gross_profit_at_risk = "gross_profit_at_risk"
 
 
 class AccountPage(BaseModel):

@@ -30,6 +30,15 @@ class KeyCreate(BaseModel):
 
     name: str = Field(min_length=1, max_length=100, pattern=r"^[^\x00-\x1f]+$", examples=["erp"])
     scopes: list[Scope] = Field(min_length=1, examples=[["events:write"]])
+    manager: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=128,
+        pattern=r"^[^\x00-\x1f]+$",
+        description="A manager's external id: the key then sees, lists and exports only that "
+        "manager's accounts.",
+        examples=["M-01"],
+    )
 
     @field_validator("scopes")
     @classmethod
@@ -42,6 +51,7 @@ class KeyOut(BaseModel):
     name: str
     prefix: str = Field(description="Identifies the key in logs and lists; not a secret.")
     scopes: list[Scope]
+    manager: str | None = Field(description="The manager whose accounts alone the key sees.")
     created_at: datetime
     last_used_at: datetime | None
     revoked_at: datetime | None
@@ -53,6 +63,7 @@ class KeyOut(BaseModel):
             name=key.name,
             prefix=key.prefix,
             scopes=parse_scopes(key.scopes),
+            manager=key.manager_external_id,
             created_at=key.created_at,
             last_used_at=key.last_used_at,
             revoked_at=key.revoked_at,
@@ -71,7 +82,9 @@ class KeyCreated(KeyOut):
 )
 async def create_key(body: KeyCreate, session: SessionDep, _: Admin) -> KeyCreated:
     """Creates a key with the given scopes and returns it once. Needs scope `admin`."""
-    key, plaintext = await create_api_key(session, name=body.name, scopes=body.scopes)
+    key, plaintext = await create_api_key(
+        session, name=body.name, scopes=body.scopes, manager=body.manager
+    )
     await session.refresh(key)
     return KeyCreated(**KeyOut.of(key).model_dump(), key=plaintext)
 

@@ -25,11 +25,13 @@ _LAST_USED_EVERY = timedelta(minutes=1)
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """Who is calling: the verified key's id, name and scopes."""
+    """Who is calling: the verified key's id, name and scopes, and the manager whose accounts
+    alone it may see (None: every account)."""
 
     key_id: int
     name: str
     scopes: frozenset[Scope]
+    manager: str | None = None
 
     def has(self, scope: Scope) -> bool:
         return Scope.admin in self.scopes or scope in self.scopes
@@ -57,13 +59,18 @@ def parse_scopes(raw: str | list[str]) -> list[Scope]:
 
 
 async def create_api_key(
-    session: AsyncSession, *, name: str, scopes: list[Scope]
+    session: AsyncSession, *, name: str, scopes: list[Scope], manager: str | None = None
 ) -> tuple[ApiKey, str]:
-    """Store a new key and return it with its plaintext, which is never retrievable again."""
+    """Store a new key and return it with its plaintext, which is never retrievable again.
+    With ``manager`` (a manager's external id) the key sees only that manager's accounts."""
     prefix = secrets.token_hex(4)
     plaintext = f"{KEY_PREFIX}{prefix}_{secrets.token_urlsafe(32)}"
     key = ApiKey(
-        name=name, prefix=prefix, key_hash=_hash(plaintext), scopes=[s.value for s in scopes]
+        name=name,
+        prefix=prefix,
+        key_hash=_hash(plaintext),
+        scopes=[s.value for s in scopes],
+        manager_external_id=manager,
     )
     session.add(key)
     await session.flush()
@@ -83,6 +90,23 @@ async def revoke_api_key(session: AsyncSession, *, key: str) -> ApiKey | None:
         row.revoked_at = datetime.now(UTC)
         await session.flush()
     return row
+
+
+def principal_of(row: ApiKey) -> Principal:
+    return Principal(
+        key_id=row.id,
+        name=row.name,
+        scopes=frozenset(Scope(s) for s in row.scopes),
+        manager=row.manager_external_id,
+    )
+
+
+async def principal_by_id(session: AsyncSession, key_id: int) -> Principal | None:
+    """The key of a signed-in person's session, or None once it is revoked."""
+    row = await session.scalar(
+        select(ApiKey).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))
+    )
+    return principal_of(row) if row is not None else None
 
 
 class KeyVerifier:
@@ -115,9 +139,7 @@ class KeyVerifier:
             await session.execute(
                 update(ApiKey).where(ApiKey.id == row.id).values(last_used_at=used_at)
             )
-        principal = Principal(
-            key_id=row.id, name=row.name, scopes=frozenset(Scope(s) for s in row.scopes)
-        )
+        principal = principal_of(row)
         if len(self._cache) > 10_000:
             self._cache.clear()
         self._cache[digest] = (principal, now + self._ttl_s)

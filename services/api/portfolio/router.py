@@ -12,11 +12,22 @@ from services.api.body import JsonBodyRoute
 from services.api.deps import SessionDep, require
 from services.api.errors import NotFound, ServiceUnavailable, problems
 from services.api.keys.service import Principal
-from services.api.portfolio.schemas import ManagerPortfolio, Portfolio, PortfolioRescore
+from services.api.portfolio.defection import defection_analysis
+from services.api.portfolio.schemas import (
+    Defections,
+    KpiTrend,
+    ManagerPortfolio,
+    ParetoCurve,
+    Portfolio,
+    PortfolioRescore,
+)
 from services.api.portfolio.service import (
+    kpi_trend,
     manager_loads,
+    pareto_curve,
+    portfolio,
     portfolio_kpis,
-    unassigned_key_accounts,
+    viewer_manager_id,
 )
 from shared.enums import Scope
 from shared.models import Manager
@@ -64,17 +75,50 @@ Needs scope `accounts:read`.
     description=_PORTFOLIO + _DEFINITIONS,
     responses=problems(401, 403, 503),
 )
-async def get_portfolio(session: SessionDep, _: Reader) -> Portfolio:
+async def get_portfolio(session: SessionDep, principal: Reader) -> Portfolio:
     """KPIs of the whole book of accounts (the route's description has the definitions)."""
-    now = datetime.now(UTC)
-    kpis = await portfolio_kpis(session, now=now)
-    managers = await manager_loads(session)
-    return Portfolio(
-        **dict(kpis),
-        managers=managers,
-        managers_over_capacity=sum(m.over_capacity for m in managers),
-        unassigned_key_accounts=await unassigned_key_accounts(session),
-    )
+    return await portfolio(session, viewer=principal, now=datetime.now(UTC))
+
+
+@router.get(
+    "/portfolio/pareto",
+    summary="The 80/20 curve",
+    responses=problems(401, 403, 503),
+)
+async def get_pareto(session: SessionDep, principal: Reader) -> ParetoCurve:
+    """Accounts ranked by gross profit of the 12 months, largest first: the cumulative share
+    of gross profit against the share of accounts, and how many accounts make the profit core
+    (80% of the gross profit). A key restricted to a manager sees that manager's accounts.
+    Needs scope `accounts:read`."""
+    manager_id = await viewer_manager_id(session, principal)
+    return await pareto_curve(session, now=datetime.now(UTC), manager_id=manager_id)
+
+
+@router.get(
+    "/portfolio/trend",
+    summary="The KPIs month by month",
+    responses=problems(401, 403, 503),
+)
+async def get_trend(session: SessionDep, principal: Reader) -> KpiTrend:
+    """The last 12 calendar months: revenue and gross profit of each, and from the stored
+    evaluations the key accounts, those at risk and their mean risk at the month's end. A key
+    restricted to a manager sees that manager's accounts. Needs scope `accounts:read`."""
+    manager_id = await viewer_manager_id(session, principal)
+    return KpiTrend(months=await kpi_trend(session, now=datetime.now(UTC), manager_id=manager_id))
+
+
+@router.get(
+    "/portfolio/lost",
+    summary="Defection analysis",
+    responses=problems(401, 403, 503),
+)
+async def get_lost(session: SessionDep, principal: Reader) -> Defections:
+    """The accounts lost in the last 12 months: their churn reasons aggregated (accounts and
+    the revenue of the 12 months before each was lost), and for every lost account the risk KAM
+    showed 30, 90 and 180 days before it was marked lost (did KAM see it coming?). A key
+    restricted to a manager sees that manager's accounts. Needs scope `accounts:read`."""
+    manager_id = await viewer_manager_id(session, principal)
+    return await defection_analysis(session, now=datetime.now(UTC), manager_id=manager_id)
 
 
 @router.get(
@@ -86,11 +130,11 @@ async def get_portfolio(session: SessionDep, _: Reader) -> Portfolio:
 async def get_manager_portfolio(
     external_id: Annotated[ExternalId, Path(description="The producer's id of the manager.")],
     session: SessionDep,
-    _: Reader,
+    principal: Reader,
 ) -> ManagerPortfolio:
     """The KPIs over one manager's accounts (the route's description has the definitions)."""
     manager_id = await session.scalar(select(Manager.id).where(Manager.external_id == external_id))
-    if manager_id is None:
+    if manager_id is None or principal.manager not in (None, external_id):
         raise NotFound(f"No manager with external_id {external_id!r}.")
     now = datetime.now(UTC)
     kpis = await portfolio_kpis(session, now=now, manager_id=manager_id)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 from decimal import Decimal
 from enum import StrEnum
 
@@ -21,6 +21,49 @@ class TierBucket(StrEnum):
     unscored = "unscored"
 
 
+class TierBandCell(BaseModel):
+    tier: TierBucket
+    risk_band: str = Field(description="A risk band, or `none` for accounts without a risk.")
+    accounts: int
+
+
+class ParetoPoint(BaseModel):
+    share_of_accounts: float = Field(description="The largest accounts so far over all of them.")
+    share_of_gross_profit: float = Field(description="Their gross profit over the total.")
+
+
+class ParetoCurve(BaseModel):
+    """The 80/20 curve of the 12 months: accounts ranked by gross profit, largest first."""
+
+    accounts: int = Field(description="Accounts with gross profit in the window.")
+    core_accounts: int = Field(
+        description="How many of the largest bring 80% of the gross profit (the profit core)."
+    )
+    points: list[ParetoPoint] = Field(
+        description="The cumulative curve at about 50 ranks, from (0, 0); empty when the total "
+        "gross profit is not positive."
+    )
+
+
+class TrendMonth(BaseModel):
+    """One calendar month (UTC) of the KPI trend."""
+
+    month: date
+    to_date: bool = Field(description="The month is not over yet: its figures are so far.")
+    revenue: Decimal = Field(description="Placed orders of the month.")
+    gross_profit: Decimal = Field(description="Of those with a known cost.")
+    evaluated_accounts: int = Field(description="Accounts with an evaluation in the month.")
+    key_accounts: int | None = Field(
+        description="Key and strategic by their last evaluation of the month; null without one."
+    )
+    at_risk_key_accounts: int | None = Field(description="Of those, at high or critical risk.")
+    mean_risk_key_accounts: float | None = Field(description="Their mean risk probability.")
+
+
+class KpiTrend(BaseModel):
+    months: list[TrendMonth] = Field(description="The last 12 months, oldest first.")
+
+
 class TierKpi(BaseModel):
     tier: TierBucket
     accounts: int = Field(description="Accounts published with this tier, lost ones included.")
@@ -29,6 +72,10 @@ class TierKpi(BaseModel):
     gross_profit_12m: Decimal = Field(
         description="Amount minus cost of their placed orders in the window, over the orders "
         "whose cost is known."
+    )
+    revenue_at_risk_12m: Decimal = Field(
+        default=Decimal(0),
+        description="Sum over the active accounts of the tier of risk x revenue of the window.",
     )
 
 
@@ -101,9 +148,17 @@ class PortfolioKpis(BaseModel):
         description="Revenue of key and strategic accounts over all revenue; null without revenue.",
         examples=[0.61],
     )
+    revenue_at_risk_12m: Decimal = Field(
+        description="Revenue at risk: the sum over active key and strategic accounts of their "
+        "risk probability x their revenue of the window."
+    )
     retention: Retention
     satisfaction: Satisfaction
     at_risk_key_accounts: AtRiskKeyAccounts
+    tier_band_matrix: list[TierBandCell] = Field(
+        description="Active accounts by tier and risk band, every cell present (`none`: no "
+        "risk yet)."
+    )
 
 
 class Portfolio(PortfolioKpis):
@@ -126,3 +181,37 @@ class PortfolioRescore(BaseModel):
     """The pass was handed to the scorer."""
 
     queued: bool
+
+
+class LostAccount(BaseModel):
+    external_id: str
+    name: str | None
+    churn_reason: str | None
+    tier: Tier | None = Field(description="The tier published when it was lost.")
+    manager_external_id: str | None
+    lost_at: datetime = Field(description="When the account was first sent as lost.")
+    revenue_12m_lost: Decimal = Field(description="Its placed orders of the 12 months before.")
+    risk_30d_before: float | None = Field(
+        description="The risk KAM showed 30 days before it was lost; null: no evaluation with a "
+        "risk by then."
+    )
+    risk_90d_before: float | None
+    risk_180d_before: float | None
+
+
+class ChurnReason(BaseModel):
+    reason: str = Field(description="The churn reason as recorded, or `not recorded`.")
+    accounts: int
+    revenue_12m_lost: Decimal
+
+
+class Defections(BaseModel):
+    """Accounts lost in the 12 months up to `evaluated_at`, their reasons, and whether KAM saw
+    it coming (the risk it showed 30, 90 and 180 days before)."""
+
+    evaluated_at: datetime
+    window_start: datetime
+    lost_accounts: int
+    revenue_12m_lost: Decimal
+    reasons: list[ChurnReason] = Field(description="By revenue lost, largest first.")
+    accounts: list[LostAccount] = Field(description="The most recently lost first.")

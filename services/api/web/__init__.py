@@ -1,0 +1,1 @@
+"""The key-account workspace: server-rendered pages for managers and the head of sales."""
