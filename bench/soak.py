@@ -51,6 +51,8 @@ from bench.webhooks import Receiver
 QUEUE = "kam:soak"
 QUEUES = (QUEUE, f"{QUEUE}:webhooks", f"{QUEUE}:portfolio")
 SERVICE_APP = "services.api.app:create_app"
+# The scorer keeps up while no dirty mark gets older than this (a sweep interval).
+KEPT_UP_S = 30.0
 
 
 def _order(rng: random.Random, account: str, n: int) -> dict[str, Any]:
@@ -320,9 +322,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary["load_average_end"] = os.getloadavg()[0]
     args.output.write_text(json.dumps(summary, indent=2) + "\n")
     print()
+    kept_up = summary["oldest_dirty_max_s"] <= KEPT_UP_S
     print(
         f"accepted {summary['events_accepted']:,} events, {summary['events_per_s']} events/s "
-        f"sustained; oldest dirty mark at most {summary['oldest_dirty_max_s']} s"
+        f"sustained; oldest dirty mark at most {summary['oldest_dirty_max_s']} s: "
+        + (
+            f"the scorer kept up with {summary['events_per_s']} events/s"
+            if kept_up
+            else f"the scorer fell behind (more than {KEPT_UP_S:g} s): try a lower rate"
+        )
     )
     print(f"answers: {summary['statuses']}")
     print(f"errors: {summary['errors'] or 'none'}")

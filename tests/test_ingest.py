@@ -31,7 +31,7 @@ from shared.models import (
     Payment,
 )
 from shared.queue import rescore_job_id
-from shared.schemas import OrderData
+from shared.schemas import OrderData, PaymentData
 from shared.settings import Settings
 from tests import factories
 from tests.conftest import asyncpg_dsn
@@ -456,6 +456,35 @@ async def test_account_created_by_another_transaction_meanwhile(
     assert await session.scalar(select(Order.account_id)) == account_id
     assert await session.scalar(select(DirtyAccount.account_id)) == account_id
     assert await session.scalar(select(IngestEvent.status)) == "accepted"
+
+
+async def test_single_event_committed_alone_is_all_or_nothing(
+    engine: AsyncEngine, session: AsyncSession
+) -> None:
+    """On a session where nothing has run, ``commit_alone`` commits an applied event with its
+    own statement; an event that is not applied (here stale) writes nothing that way, and is
+    handled in the session's transaction, so rolling that back leaves no trace of it."""
+    newer = PaymentData.model_validate(
+        factories.payment("A-1", invoice_external_id="INV-1", version=2, paid_at=None)
+    )
+    older = PaymentData.model_validate(
+        factories.payment("A-1", invoice_external_id="INV-1", version=1)
+    )
+    async with create_sessionmaker(engine)() as alone:
+        statuses = await ingest_events(alone, [newer], api_key_id=None, commit_alone=True)
+        await alone.rollback()  # too late: the statement was its own transaction
+    assert statuses == [ItemStatus.accepted]
+    assert await session.scalar(select(Payment.source_version)) == 2
+    assert await session.scalar(select(IngestEvent.status)) == "accepted"
+    assert await _count(session, DirtyAccount) == 1
+
+    async with create_sessionmaker(engine)() as alone:
+        statuses = await ingest_events(alone, [older], api_key_id=None, commit_alone=True)
+        assert alone.in_transaction()
+        await alone.rollback()
+    assert statuses == [ItemStatus.stale]
+    assert await _count(session, IngestEvent) == 1  # the stale event's record was rolled back
+    assert await session.scalar(select(Payment.source_version)) == 2
 
 
 async def test_a_deadlocked_ingestion_is_applied_again_before_any_503(

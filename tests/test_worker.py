@@ -13,7 +13,12 @@ from services.scorer.reclaim import HELD_TTL_S, IN_PROGRESS_PREFIX, held_key, re
 from services.scorer.worker import SWEEP_TIMEOUT_S, Role, create_worker
 from shared.db import create_sessionmaker
 from shared.models import Account, DirtyAccount
-from shared.queue import rescore_job_id
+from shared.queue import (
+    PORTFOLIO_JOB_ID,
+    enqueue_portfolio_pass,
+    portfolio_queue,
+    rescore_job_id,
+)
 from shared.settings import Settings
 from tests import factories
 from tests.conftest import RunWorker
@@ -173,3 +178,18 @@ async def test_outage_logs_once_and_backs_off_to_a_cap() -> None:
     outage.succeeded()
     assert not outage.ongoing
     assert outage.failed(ConnectionError()) == 0.1
+
+
+async def test_the_sweeper_hands_back_a_portfolio_pass_a_killed_worker_left(
+    engine: AsyncEngine, redis: ArqRedis, settings: Settings
+) -> None:
+    assert await enqueue_portfolio_pass(redis)
+    ttl = settings.portfolio_pass_timeout_s + 10
+    await _leave_in_progress(redis, PORTFOLIO_JOB_ID, age_s=HELD_TTL_S + 1, ttl_s=ttl)
+    ctx = {"sessionmaker": create_sessionmaker(engine), "settings": settings, "redis": redis}
+
+    await jobs.sweep_dirty_accounts(ctx)
+
+    assert not await redis.exists(f"{IN_PROGRESS_PREFIX}{PORTFOLIO_JOB_ID}")
+    # still queued: the next poll of a portfolio worker runs it
+    assert await redis.zscore(portfolio_queue(settings.queue_name), PORTFOLIO_JOB_ID)

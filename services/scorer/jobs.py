@@ -28,7 +28,7 @@ from services.scorer.passes import (
     settling_reason,
 )
 from services.scorer.policies import active_policy
-from services.scorer.reclaim import Refusals, reclaim_orphans
+from services.scorer.reclaim import JOB_PREFIX, Refusals, reclaim_orphans
 from services.scorer.webhook_delivery import (
     Claim,
     EndpointSender,
@@ -41,11 +41,13 @@ from shared.models import Account, DirtyAccount
 from shared.queue import (
     DELIVER_AFTER_COMMIT,
     DELIVER_WEBHOOKS,
+    PORTFOLIO_JOB_ID,
     RESCORE_ACCOUNT,
     JobKey,
     delivery_job_id,
     enqueue_deliveries,
     enqueue_portfolio_pass,
+    portfolio_queue,
     push_jobs,
     rescore_job_id,
     rescore_queue,
@@ -192,7 +194,25 @@ async def sweep_dirty_accounts(ctx: dict[str, Any]) -> int:
         await _push_and_reclaim(
             ctx, "swept_dirty_accounts", RESCORE_ACCOUNT, ids, rescore_job_id, rescore_queue
         )
+    await _reclaim_portfolio_pass(ctx)
     return len(ids)
+
+
+async def _reclaim_portfolio_pass(ctx: dict[str, Any]) -> None:
+    """An on-demand pass a killed worker left in progress would refuse every later request
+    for a pass until its in-progress key lapses (the pass's timeout, an hour): hand it back
+    once no live worker's heartbeat names it. (Two passes never run at once either way: the
+    pass takes an advisory lock.)"""
+    settings: Settings = ctx["settings"]
+    redis = ctx["redis"]
+    if not await redis.exists(f"{JOB_PREFIX}{PORTFOLIO_JOB_ID}"):
+        return
+    await reclaim_orphans(
+        redis,
+        [PORTFOLIO_JOB_ID],
+        queue=portfolio_queue(settings.queue_name),
+        in_progress_ttl_s=settings.portfolio_pass_timeout_s + 10,
+    )
 
 
 async def _push_and_reclaim(

@@ -53,7 +53,10 @@ _event_adapter: TypeAdapter[Any] = TypeAdapter(Event)
 
 
 async def _ingest_one(session: SessionDep, principal: Principal, event: AnyEvent) -> EventAck:
-    [outcome] = await ingest_events(session, [event], api_key_id=principal.key_id)
+    # The request writes nothing else: the event may be its own transaction.
+    [outcome] = await ingest_events(
+        session, [event], api_key_id=principal.key_id, commit_alone=True
+    )
     if outcome is ItemStatus.duplicate:
         await refuse_reused(session, event)
     count_ingested([(event_type(event).value, outcome.value)])
