@@ -1,7 +1,7 @@
 """Faults as an operator meets them, on real processes: a private Postgres and Redis that the
 tests stop, freeze and start again, and ``kam api`` / ``kam scorer`` processes they SIGKILL.
 
-Each test is kept to seconds (Redis is frozen for ``KAM_FAULT_FREEZE_S``, 8 s by default);
+Each test is kept short (Redis is frozen for ``KAM_FAULT_FREEZE_S``, 20 s by default);
 ``-m "not faults"`` leaves the module out."""
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ pytestmark = [
     pytest.mark.skipif(not postgres_available(), reason="needs Postgres 15 binaries and Redis"),
 ]
 
-FREEZE_S = float(os.environ.get("KAM_FAULT_FREEZE_S", "8"))
+FREEZE_S = float(os.environ.get("KAM_FAULT_FREEZE_S", "20"))
 TABLES = (
     "webhook_attempts, webhook_deliveries, webhook_events, webhook_endpoints, score_snapshots, "
     "dirty_accounts, orders, ingest_events, tier_changes, accounts"
