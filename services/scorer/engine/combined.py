@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -137,42 +137,43 @@ def fit_models(
         fits.notes.append(f"{len(x)} accounts with orders, under the {min_accounts} needed")
         return fits
     rows, counts = np.unique(np.column_stack([x, t_x, T]), axis=0, return_counts=True)
+    columns = (rows[:, 0], rows[:, 1], rows[:, 2])
     weights = counts.astype(np.float64)
-
-    started = time.perf_counter()
-    bgnbd: BgNbdParams | None
-    try:
-        bgnbd = fit_bgnbd(rows[:, 0], rows[:, 1], rows[:, 2], weights=weights, start=previous_bgnbd)
-    except (InsufficientDataError, ValueError, FloatingPointError) as exc:
-        fits.notes.append(f"BG/NBD fit failed: {exc}")
-        bgnbd = None
-    fits.seconds["bgnbd"] = round(time.perf_counter() - started, 4)
-    if bgnbd is not None and bgnbd.converged:
+    bgnbd = _fit_one(
+        "bgnbd", lambda: fit_bgnbd(*columns, weights=weights, start=previous_bgnbd), fits
+    )
+    if bgnbd is not None:
         fits.bgnbd, fits.bgnbd_source = bgnbd, "fitted"
-    else:
-        if bgnbd is not None:
-            fits.notes.append("BG/NBD fit did not converge")
-        if previous_bgnbd is not None:
-            fits.bgnbd, fits.bgnbd_source = previous_bgnbd, "previous fit"
-
-    started = time.perf_counter()
-    pareto: ParetoNbdParams | None
-    try:
-        pareto = fit_pareto_nbd(
-            rows[:, 0], rows[:, 1], rows[:, 2], weights=weights, start=previous_pareto
-        )
-    except (InsufficientDataError, ValueError, FloatingPointError) as exc:
-        fits.notes.append(f"Pareto/NBD fit failed: {exc}")
-        pareto = None
-    fits.seconds["pareto_nbd"] = round(time.perf_counter() - started, 4)
-    if pareto is not None and pareto.converged:
+    elif previous_bgnbd is not None:
+        fits.bgnbd, fits.bgnbd_source = previous_bgnbd, "previous fit"
+    pareto = _fit_one(
+        "pareto_nbd", lambda: fit_pareto_nbd(*columns, weights=weights, start=previous_pareto), fits
+    )
+    if pareto is not None:
         fits.pareto_nbd, fits.pareto_source = pareto, "fitted"
-    else:
-        if pareto is not None:
-            fits.notes.append("Pareto/NBD fit did not converge")
-        if previous_pareto is not None:
-            fits.pareto_nbd, fits.pareto_source = previous_pareto, "previous fit"
+    elif previous_pareto is not None:
+        fits.pareto_nbd, fits.pareto_source = previous_pareto, "previous fit"
     return fits
+
+
+_Params = TypeVar("_Params", BgNbdParams, ParetoNbdParams)
+
+
+def _fit_one(name: BaseModel, fit: Callable[[], _Params], fits: ModelFits) -> _Params | None:
+    """Run one model's fit, timed into ``fits.seconds``; the converged parameters, or None with
+    the reason in ``fits.notes``."""
+    started = time.perf_counter()
+    try:
+        params = fit()
+    except (InsufficientDataError, ValueError, FloatingPointError) as exc:
+        fits.notes.append(f"{MODEL_LABELS[name]} fit failed: {exc}")
+        return None
+    finally:
+        fits.seconds[name] = round(time.perf_counter() - started, 4)
+    if not params.converged:
+        fits.notes.append(f"{MODEL_LABELS[name]} fit did not converge")
+        return None
+    return params
 
 
 def choose_base(
