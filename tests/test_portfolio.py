@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.api.portfolio.service import months_before
+from services.scorer.summary import store_portfolio_summaries
 from shared.enums import RiskBand, Tier
 from tests import factories
 from tests.conftest import MakeKey
@@ -71,6 +72,10 @@ async def _book(session: AsyncSession) -> None:
     await survey(session, key, satisfaction=2, occurred_at=_ago(40))
     await survey(session, developing, satisfaction=4, occurred_at=_ago(5))
     await survey(session, key, satisfaction=1, occurred_at=_ago(400))  # before the window
+    await session.commit()
+    # The window's figures are those the portfolio pass summarises (here without rescoring,
+    # so that the tiers stay the ones set above).
+    await store_portfolio_summaries(session, now=datetime.now(UTC))
     await session.commit()
 
 

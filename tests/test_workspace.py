@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from services.api.web import format as fmt
 from services.api.web.assets import STATIC_DIR, TEMPLATES_DIR
 from services.api.web.session import sign, unsign
+from services.scorer.summary import store_portfolio_summaries
 from shared.enums import RiskBand, Tier
 from shared.models import Account
 from shared.settings import Settings
@@ -337,6 +338,8 @@ async def _two_managers(session: AsyncSession) -> None:
             session, account, amount="1000.00", cost="600.00", ordered_at=NOW - timedelta(days=9)
         )
     await session.commit()
+    await store_portfolio_summaries(session, now=NOW)
+    await session.commit()
 
 
 async def test_a_manager_key_sees_lists_and_exports_only_its_accounts(
@@ -414,8 +417,12 @@ async def test_worklist_ranks_by_gross_profit_at_risk_and_exports_what_it_shows(
         account = await factories.account_row(
             session, external_id, tier=Tier.key, risk_probability=risk, risk_band=RiskBand.high
         )
-        snapshot = await factories.snapshot_row(session, account, computed_at=NOW)
-        snapshot.features = {"revenue_12m": 2 * gross_profit, "gross_profit_12m": gross_profit}
+        await factories.snapshot_row(
+            session,
+            account,
+            computed_at=NOW,
+            features={"revenue_12m": 2 * gross_profit, "gross_profit_12m": gross_profit},
+        )
     await factories.account_row(session, "UNSCORED")
     await session.commit()
     key = await make_key("accounts:read")
@@ -528,6 +535,8 @@ async def test_pareto_curve_marks_the_profit_core(
             cost=f"{profit}.00",
             ordered_at=NOW - timedelta(days=5),
         )
+    await session.commit()
+    await store_portfolio_summaries(session, now=NOW)
     await session.commit()
     curve = (await client.get("/v1/portfolio/pareto", headers=admin_headers)).json()
     assert curve["accounts"] == 10

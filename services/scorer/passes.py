@@ -36,6 +36,7 @@ from services.scorer.population import (
     population_row,
 )
 from services.scorer.storage import lock_state, read_state, state_for, store, store_basis
+from services.scorer.summary import store_portfolio_summaries
 from shared.models import PopulationFit
 
 log = structlog.get_logger(__name__)
@@ -263,8 +264,12 @@ async def _portfolio_pass(sessionmaker: async_sessionmaker[AsyncSession], *, at:
                 population_fit_id=fit_id,
                 now=at,
             )
+    # What the portfolio pages show, aggregated once here instead of on every view.
+    async with sessionmaker() as session, session.begin():
+        scopes = await store_portfolio_summaries(session, now=at)
     log.info(
         "portfolio_pass_done",
+        summary_scopes=scopes,
         accounts=len(table),
         aggregated=int(aggregates.fresh.sum()),
         written=written,
