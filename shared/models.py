@@ -173,6 +173,8 @@ class PortfolioSummary(Base):
     manager_id: Mapped[int | None] = mapped_column(BigInteger)
     computed_at: Mapped[datetime]
     figures: Mapped[dict[str, Any]]
+    # The accounts lost in the window, apart: only the defection page reads them.
+    lost: Mapped[list[Any]]
 
 
 # Numbers every change to an account's data, across all accounts: a later change always has a

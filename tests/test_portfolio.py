@@ -188,6 +188,15 @@ async def test_a_managers_portfolio_covers_their_accounts_only(
     assert m2["at_risk_key_accounts"] == {"count": 0, "accounts": []}
     assert m2["manager"]["over_capacity"] is False
 
+    # The lost account, with the revenue of its 12 months before it was lost (600 is older).
+    lost = (await client.get("/v1/portfolio/lost", headers=admin_headers)).json()
+    assert [(a["external_id"], a["revenue_12m_lost"]) for a in lost["accounts"]] == [
+        ("A-T", "100.00")
+    ]
+    assert lost["reasons"] == [
+        {"reason": "not recorded", "accounts": 1, "revenue_12m_lost": "100.00"}
+    ]
+
 
 async def test_unknown_manager_is_404(
     client: httpx.AsyncClient, admin_headers: dict[str, str]

@@ -512,6 +512,8 @@ async def test_lost_accounts_show_the_risk_kam_showed_before(
         session, account, amount="1500.00", cost="900.00", ordered_at=NOW - timedelta(days=60)
     )
     await session.commit()
+    await store_portfolio_summaries(session, now=datetime.now(UTC))
+    await session.commit()
     lost = (await client.get("/v1/portfolio/lost", headers=admin_headers)).json()
     assert lost["lost_accounts"] == 1
     assert lost["reasons"] == [{"reason": "price", "accounts": 1, "revenue_12m_lost": "1500.00"}]

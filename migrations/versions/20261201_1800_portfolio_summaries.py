@@ -38,6 +38,7 @@ def upgrade() -> None:
         sa.Column("manager_id", sa.BigInteger(), nullable=True),
         sa.Column("computed_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("figures", postgresql.JSONB(astext_type=sa.Text()), nullable=False),
+        sa.Column("lost", postgresql.JSONB(astext_type=sa.Text()), nullable=False),
     )
     op.add_column("accounts", sa.Column("revenue_12m", sa.Double(), nullable=True))
     op.add_column("accounts", sa.Column("gross_profit_12m", sa.Double(), nullable=True))

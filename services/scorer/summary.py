@@ -4,7 +4,9 @@ on every view, computed once at the end of a portfolio pass and stored in
 
 Per scope it holds, for the 12 months up to the pass: per tier the accounts, revenue, gross
 profit and revenue at risk, and the repeat-purchase retention counts; survey satisfaction; the
-80/20 curve of gross profit; and the monthly KPI trend of the last 12 calendar months. An
+80/20 curve of gross profit; the monthly KPI trend of the last 12 calendar months; and the
+accounts lost in the window with their revenue lost and the risk shown before (a column of its
+own, ``lost``, read by the defection page only). An
 account counts for the manager it has at the pass. The orders are read once, set-based; the
 per-scope figures are then summed in Python (a row per account, each into two scopes).
 
@@ -93,9 +95,41 @@ FROM last_of_month
 GROUP BY GROUPING SETS ((month), (month, manager_id))
 """
 
+# An account is marked lost when the first account event saying so arrived (or, without one
+# on record, at its last update); the risk shown N days before is that of its last evaluation
+# at or before that moment.
+_LOST = """
+WITH lost AS MATERIALIZED (
+    SELECT a.id, a.external_id, a.name, a.churn_reason, a.tier, a.manager_id,
+           m.external_id AS manager,
+           coalesce((SELECT min(e.received_at) FROM ingest_events e
+                     WHERE e.account_external_id = a.external_id AND e.type = 'account'
+                       AND e.status <> 'stale' AND e.payload ->> 'status' = 'lost'),
+                    a.updated_at) AS lost_at
+    FROM accounts a LEFT JOIN managers m ON m.id = a.manager_id
+    WHERE a.status = 'lost'
+)
+SELECT l.manager_id, l.external_id, l.name, l.churn_reason, l.tier, l.manager, l.lost_at,
+       (SELECT coalesce(sum(o.amount), 0) FROM orders o
+        WHERE o.account_id = l.id AND o.status = 'placed'
+          AND o.ordered_at >= l.lost_at - interval '12 months' AND o.ordered_at < l.lost_at),
+       (SELECT s.risk_probability FROM score_snapshots s
+        WHERE s.account_id = l.id AND s.computed_at <= l.lost_at - interval '30 days'
+        ORDER BY s.computed_at DESC, s.id DESC LIMIT 1),
+       (SELECT s.risk_probability FROM score_snapshots s
+        WHERE s.account_id = l.id AND s.computed_at <= l.lost_at - interval '90 days'
+        ORDER BY s.computed_at DESC, s.id DESC LIMIT 1),
+       (SELECT s.risk_probability FROM score_snapshots s
+        WHERE s.account_id = l.id AND s.computed_at <= l.lost_at - interval '180 days'
+        ORDER BY s.computed_at DESC, s.id DESC LIMIT 1)
+FROM lost l
+WHERE l.lost_at >= $1 AND l.lost_at <= $2
+ORDER BY l.lost_at DESC, l.external_id
+"""
+
 _REPLACE = """
-INSERT INTO portfolio_summaries (scope, manager_id, computed_at, figures)
-SELECT * FROM unnest($1::text[], $2::bigint[], $3::timestamptz[], $4::jsonb[])
+INSERT INTO portfolio_summaries (scope, manager_id, computed_at, figures, lost)
+SELECT * FROM unnest($1::text[], $2::bigint[], $3::timestamptz[], $4::jsonb[], $5::jsonb[])
 """
 
 
@@ -210,6 +244,25 @@ async def portfolio_summaries(session: AsyncSession, *, now: datetime) -> dict[s
                 at_risk,
                 mean,
             )
+    lost: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for manager_id, *row in await _rows(session, _LOST, start, now):
+        external_id, name, reason, tier_, manager, lost_at, revenue, r30, r90, r180 = row
+        account = {
+            "external_id": external_id,
+            "name": name,
+            "churn_reason": reason,
+            "tier": tier_,
+            "manager_external_id": manager,
+            "lost_at": lost_at.isoformat(),
+            "revenue_12m_lost": _money(revenue),
+            "risk_30d_before": r30,
+            "risk_90d_before": r90,
+            "risk_180d_before": r180,
+        }
+        lost[ALL].append(account)
+        if manager_id is not None:
+            lost[scope_of(manager_id)].append(account)
+
     for scope, _ in [*money, *tiers]:
         _ = scopes[scope]  # a manager whose accounts have only old orders still gets a row
 
@@ -247,6 +300,7 @@ async def portfolio_summaries(session: AsyncSession, *, now: datetime) -> dict[s
             "satisfaction": satisfaction.get(scope, {"average": None, "answers": 0}),
             "pareto": pareto(figures.profits),
             "trend": trend,
+            "lost": lost.get(scope, []),
         }
     return out
 
@@ -264,7 +318,8 @@ async def store_portfolio_summaries(session: AsyncSession, *, now: datetime) -> 
             scopes,
             [None if s == ALL else int(s.split(":", 1)[1]) for s in scopes],
             [now] * len(scopes),
-            [json.dumps(summaries[s]) for s in scopes],
+            [json.dumps({k: v for k, v in summaries[s].items() if k != "lost"}) for s in scopes],
+            [json.dumps(summaries[s]["lost"]) for s in scopes],
         ),
     )
     return len(scopes)
