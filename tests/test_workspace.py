@@ -8,6 +8,7 @@ import io
 import re
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -376,6 +377,13 @@ async def test_a_manager_key_sees_lists_and_exports_only_its_accounts(
     portfolio = (await client.get("/v1/portfolio", headers=headers)).json()
     assert portfolio["accounts"] == 2
     assert [m["external_id"] for m in portfolio["managers"]] == ["M-1"]
+    # The pass's summary of M-1's accounts: two of 400 gross profit each, this month.
+    assert Decimal(portfolio["gross_profit_12m"]) == Decimal("800.00")
+    curve = (await client.get("/v1/portfolio/pareto", headers=headers)).json()
+    assert (curve["accounts"], curve["core_accounts"]) == (2, 2)
+    trend = (await client.get("/v1/portfolio/trend", headers=headers)).json()
+    assert sum(Decimal(m["gross_profit"]) for m in trend["months"]) == Decimal("800.00")
+    assert sum(m["evaluated_accounts"] for m in trend["months"]) == 2
     other = await client.get("/v1/managers/M-2/portfolio", headers=headers)
     assert other.status_code == 404
 

@@ -201,8 +201,10 @@ async def portfolio_summaries(session: AsyncSession, *, now: datetime) -> dict[s
     scopes: dict[str, _Scope] = defaultdict(_Scope)
     scopes[ALL] = _Scope()
     rows = await _rows(session, _PER_ACCOUNT, start, previous_start, now)
-    for account_id, manager_id, tier, active, risk, revenue, profit, now_, before in rows:
-        targets = [scopes[ALL]] + ([scopes[scope_of(manager_id)]] if manager_id else [])
+    for account_id, manager_id, tier, active, risk, revenue, profit, bought, before in rows:
+        targets = [scopes[ALL]]
+        if manager_id is not None:
+            targets.append(scopes[scope_of(manager_id)])
         for target in targets:
             bucket = target.tiers[tier]
             bucket.accounts += 1
@@ -210,7 +212,7 @@ async def portfolio_summaries(session: AsyncSession, *, now: datetime) -> dict[s
             bucket.revenue += revenue or 0
             bucket.gross_profit += profit or 0
             bucket.bought_before += before
-            bucket.retained += before and now_ and active
+            bucket.retained += before and bought and active
             if active and revenue is not None and risk is not None:
                 bucket.revenue_at_risk += float(revenue) * risk
             if profit is not None:
