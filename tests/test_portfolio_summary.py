@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import distinct_on
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from services.scorer.passes import run_portfolio_pass
+from services.scorer.passes import rescore_accounts, run_portfolio_pass, settling_reason
 from services.scorer.summary import pareto
 from shared.db import create_sessionmaker
 from shared.models import Account, Order, PortfolioSummary, ScoreSnapshot
@@ -135,3 +135,22 @@ async def test_a_pass_stores_the_summary_and_the_worklist_figures(
     await run_portfolio_pass(sessionmaker, now=later)
     session.expire_all()
     assert [r.computed_at for r in await session.scalars(select(PortfolioSummary))] == [later]
+
+
+async def test_the_first_pass_is_asked_for_while_there_is_no_summary(
+    client: httpx.AsyncClient,
+    admin_headers: dict[str, str],
+    session: AsyncSession,
+    sessionmaker: async_sessionmaker[AsyncSession],
+) -> None:
+    specs = ordinary_accounts(12)
+    await send(client, admin_headers, specs, NOW)
+    ids = list(await session.scalars(select(Account.id)))
+    async with sessionmaker() as s, s.begin():
+        # Rescores fit the first population facts; no pass has stored a summary yet.
+        assert await rescore_accounts(s, account_ids=ids, now=NOW) == len(specs)
+    async with sessionmaker() as s:
+        assert await settling_reason(s) == "no portfolio summary yet"
+    await run_portfolio_pass(sessionmaker, now=NOW)
+    async with sessionmaker() as s:
+        assert await settling_reason(s) != "no portfolio summary yet"
