@@ -17,6 +17,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     CheckConstraint,
+    Computed,
     DateTime,
     Double,
     ForeignKey,
@@ -135,6 +136,15 @@ class Account(Base):
     # The population generation the computed tier was decided in; None for a tier given for the
     # first time. Hysteresis holds only tiers of the current generation (see scoring).
     tier_basis: Mapped[int | None] = mapped_column(Integer)
+    # Figures of the newest snapshot that the worklist shows and sorts by, kept on the row so
+    # that a list never joins every account's latest snapshot: the 12 months' revenue and gross
+    # profit, the first risk reason in words, and risk times gross profit (the worklist order).
+    revenue_12m: Mapped[float | None] = mapped_column(Double)
+    gross_profit_12m: Mapped[float | None] = mapped_column(Double)
+    first_risk_driver: Mapped[str | None] = mapped_column(Text)
+    gross_profit_at_risk: Mapped[float | None] = mapped_column(
+        Double, Computed("risk_probability * gross_profit_12m", persisted=True)
+    )
 
     source_version: Mapped[int | None] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = _created()
@@ -143,7 +153,28 @@ class Account(Base):
     __table_args__ = (
         CheckConstraint("strategic_fit BETWEEN 1 AND 5", name="strategic_fit_range"),
         CheckConstraint("status IN ('active', 'lost')", name="status_valid"),
+        # The worklist's order, largest expected gross profit at risk first, unscored last.
+        Index(
+            "ix_accounts_worklist",
+            text("coalesce(gross_profit_at_risk, -1) DESC"),
+            "id",
+        ),
     )
+
+
+class PortfolioSummary(Base):
+    """What the portfolio pages show that would otherwise be aggregated from every order on
+    every view, written by each portfolio pass (``services.scorer.summary``): one row for every
+    account (scope ``all``) and one per manager (``manager:<id>``), as of ``computed_at``."""
+
+    __tablename__ = "portfolio_summaries"
+
+    scope: Mapped[str] = mapped_column(String(64), primary_key=True)
+    manager_id: Mapped[int | None] = mapped_column(BigInteger)
+    computed_at: Mapped[datetime]
+    figures: Mapped[dict[str, Any]]
+    # The accounts lost in the window, apart: only the defection page reads them.
+    lost: Mapped[list[Any]]
 
 
 # Numbers every change to an account's data, across all accounts: a later change always has a

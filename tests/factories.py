@@ -214,13 +214,16 @@ async def snapshot_row(
     risk_probability: float | None = 0.3,
     risk_band: RiskBand | None = RiskBand.medium,
     driver_code: str = "recency",
+    features: dict[str, Any] | None = None,
 ) -> ScoreSnapshot:
     version, _ = await active_policy(session)
     snapshot = ScoreSnapshot(
         account_id=account.id,
         computed_at=computed_at,
         policy_version=version,
-        features={"revenue_12m": 412000.0, "margin_rate": 0.21, "days_since_last_order": None},
+        features=features
+        if features is not None
+        else {"revenue_12m": 412000.0, "margin_rate": 0.21, "days_since_last_order": None},
         value_score=value_score,
         tier=tier.value,
         risk_probability=risk_probability,
@@ -228,6 +231,13 @@ async def snapshot_row(
         drivers=drivers(driver_code),
     )
     session.add(snapshot)
+    # As the scorer does: the account row carries its newest snapshot's listed figures.
+    if account.snapshot_at is None or computed_at >= account.snapshot_at:
+        account.snapshot_at = computed_at
+        account.revenue_12m = snapshot.features.get("revenue_12m")
+        account.gross_profit_12m = snapshot.features.get("gross_profit_12m")
+        risk = snapshot.drivers.get("risk") or [{}]
+        account.first_risk_driver = risk[0].get("text")
     await session.flush()
     return snapshot
 

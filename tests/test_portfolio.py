@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.api.portfolio.service import months_before
+from services.scorer.summary import store_portfolio_summaries
 from shared.enums import RiskBand, Tier
 from tests import factories
 from tests.conftest import MakeKey
@@ -71,6 +72,10 @@ async def _book(session: AsyncSession) -> None:
     await survey(session, key, satisfaction=2, occurred_at=_ago(40))
     await survey(session, developing, satisfaction=4, occurred_at=_ago(5))
     await survey(session, key, satisfaction=1, occurred_at=_ago(400))  # before the window
+    await session.commit()
+    # The window's figures are those the portfolio pass summarises (here without rescoring,
+    # so that the tiers stay the ones set above).
+    await store_portfolio_summaries(session, now=datetime.now(UTC))
     await session.commit()
 
 
@@ -182,6 +187,15 @@ async def test_a_managers_portfolio_covers_their_accounts_only(
     assert m2["satisfaction"] == {"average": 4.0, "answers": 1}
     assert m2["at_risk_key_accounts"] == {"count": 0, "accounts": []}
     assert m2["manager"]["over_capacity"] is False
+
+    # The lost account, with the revenue of its 12 months before it was lost (600 is older).
+    lost = (await client.get("/v1/portfolio/lost", headers=admin_headers)).json()
+    assert [(a["external_id"], a["revenue_12m_lost"]) for a in lost["accounts"]] == [
+        ("A-T", "100.00")
+    ]
+    assert lost["reasons"] == [
+        {"reason": "not recorded", "accounts": 1, "revenue_12m_lost": "100.00"}
+    ]
 
 
 async def test_unknown_manager_is_404(

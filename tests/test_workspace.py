@@ -8,6 +8,7 @@ import io
 import re
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from services.api.web import format as fmt
 from services.api.web.assets import STATIC_DIR, TEMPLATES_DIR
 from services.api.web.session import sign, unsign
+from services.scorer.summary import store_portfolio_summaries
 from shared.enums import RiskBand, Tier
 from shared.models import Account
 from shared.settings import Settings
@@ -337,6 +339,8 @@ async def _two_managers(session: AsyncSession) -> None:
             session, account, amount="1000.00", cost="600.00", ordered_at=NOW - timedelta(days=9)
         )
     await session.commit()
+    await store_portfolio_summaries(session, now=NOW)
+    await session.commit()
 
 
 async def test_a_manager_key_sees_lists_and_exports_only_its_accounts(
@@ -373,6 +377,13 @@ async def test_a_manager_key_sees_lists_and_exports_only_its_accounts(
     portfolio = (await client.get("/v1/portfolio", headers=headers)).json()
     assert portfolio["accounts"] == 2
     assert [m["external_id"] for m in portfolio["managers"]] == ["M-1"]
+    # The pass's summary of M-1's accounts: two of 400 gross profit each, this month.
+    assert Decimal(portfolio["gross_profit_12m"]) == Decimal("800.00")
+    curve = (await client.get("/v1/portfolio/pareto", headers=headers)).json()
+    assert (curve["accounts"], curve["core_accounts"]) == (2, 2)
+    trend = (await client.get("/v1/portfolio/trend", headers=headers)).json()
+    assert sum(Decimal(m["gross_profit"]) for m in trend["months"]) == Decimal("800.00")
+    assert sum(m["evaluated_accounts"] for m in trend["months"]) == 2
     other = await client.get("/v1/managers/M-2/portfolio", headers=headers)
     assert other.status_code == 404
 
@@ -414,8 +425,12 @@ async def test_worklist_ranks_by_gross_profit_at_risk_and_exports_what_it_shows(
         account = await factories.account_row(
             session, external_id, tier=Tier.key, risk_probability=risk, risk_band=RiskBand.high
         )
-        snapshot = await factories.snapshot_row(session, account, computed_at=NOW)
-        snapshot.features = {"revenue_12m": 2 * gross_profit, "gross_profit_12m": gross_profit}
+        await factories.snapshot_row(
+            session,
+            account,
+            computed_at=NOW,
+            features={"revenue_12m": 2 * gross_profit, "gross_profit_12m": gross_profit},
+        )
     await factories.account_row(session, "UNSCORED")
     await session.commit()
     key = await make_key("accounts:read")
@@ -505,6 +520,8 @@ async def test_lost_accounts_show_the_risk_kam_showed_before(
         session, account, amount="1500.00", cost="900.00", ordered_at=NOW - timedelta(days=60)
     )
     await session.commit()
+    await store_portfolio_summaries(session, now=datetime.now(UTC))
+    await session.commit()
     lost = (await client.get("/v1/portfolio/lost", headers=admin_headers)).json()
     assert lost["lost_accounts"] == 1
     assert lost["reasons"] == [{"reason": "price", "accounts": 1, "revenue_12m_lost": "1500.00"}]
@@ -528,6 +545,8 @@ async def test_pareto_curve_marks_the_profit_core(
             cost=f"{profit}.00",
             ordered_at=NOW - timedelta(days=5),
         )
+    await session.commit()
+    await store_portfolio_summaries(session, now=NOW)
     await session.commit()
     curve = (await client.get("/v1/portfolio/pareto", headers=admin_headers)).json()
     assert curve["accounts"] == 10

@@ -8,6 +8,7 @@
   rescore scored after the pass began is not overwritten with the pass's older view: if that
   rescore used the superseded facts, the account is marked dirty and rescored with the new
   ones; otherwise it is left as it is.
+  At its end the pass stores the portfolio summary (``summary``) the portfolio pages read.
 - ``settling_reason``: whether the portfolio grew or changed so much since the last fit (a bulk
   load) that a full pass should run as soon as the load goes quiet, instead of at the hour.
 
@@ -18,7 +19,9 @@ the account's row lock.
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
 import structlog
@@ -36,6 +39,7 @@ from services.scorer.population import (
     population_row,
 )
 from services.scorer.storage import lock_state, read_state, state_for, store, store_basis
+from services.scorer.summary import store_portfolio_summaries
 from shared.models import PopulationFit
 
 log = structlog.get_logger(__name__)
@@ -263,8 +267,15 @@ async def _portfolio_pass(sessionmaker: async_sessionmaker[AsyncSession], *, at:
                 population_fit_id=fit_id,
                 now=at,
             )
+    # What the portfolio pages show, aggregated once here instead of on every view.
+    summary_started = time.perf_counter()
+    async with sessionmaker() as session, session.begin():
+        scopes = await store_portfolio_summaries(session, now=at)
+    summary_seconds = round(time.perf_counter() - summary_started, 3)
     log.info(
         "portfolio_pass_done",
+        summary_scopes=scopes,
+        summary_seconds=summary_seconds,
         accounts=len(table),
         aggregated=int(aggregates.fresh.sum()),
         written=written,
@@ -287,22 +298,28 @@ SELECT
         SELECT account_id FROM account_aggregates WHERE seq > $1
         UNION
         SELECT account_id FROM dirty_accounts WHERE seq > $1
-    ) changed)
+    ) changed),
+    EXISTS (SELECT FROM portfolio_summaries)
 """
 
 
 async def settling_reason(session: AsyncSession) -> str | None:
     """Why the population facts no longer describe the portfolio (it grew by more than the
     policy's ``refit_growth_share`` since the last fit, or more than ``bulk_load_share`` of
-    the accounts changed since), or None. No facts yet with accounts present is a reason."""
+    the accounts changed since), or None. No facts, or no portfolio summary, yet with accounts
+    present is a reason."""
     _, policy = await active_policy(session)
     latest = await latest_population(session)
     connection = await session.connection()
     change_seq = latest[1].change_seq if latest is not None else 0
     result = await connection.exec_driver_sql(_SETTLE_COUNTS, (change_seq,))
-    accounts, changed = (int(value) for value in result.one())
+    counts: Any = result.one()
+    accounts, changed, summarised = int(counts[0]), int(counts[1]), bool(counts[2])
     if latest is None:
         return "no population facts yet" if accounts else None
+    if accounts and not summarised:
+        # Rescores fitted the first facts, but the portfolio pages wait for a pass's summary.
+        return "no portfolio summary yet"
     facts = latest[1]
     rules = policy.population
     if accounts - facts.accounts > rules.refit_growth_share * max(facts.accounts, 1):

@@ -61,11 +61,16 @@ UPDATE accounts a SET
                                     ELSE a.tier_override_expires_at END,
     snapshot_at = CASE WHEN u.snapshot THEN $2::timestamptz ELSE a.snapshot_at END,
     tier_basis = u.basis,
-    population_fit_id = $12::bigint
+    population_fit_id = $12::bigint,
+    revenue_12m = CASE WHEN u.snapshot THEN u.revenue ELSE a.revenue_12m END,
+    gross_profit_12m = CASE WHEN u.snapshot THEN u.gross_profit ELSE a.gross_profit_12m END,
+    first_risk_driver = CASE WHEN u.snapshot THEN u.first_risk_driver
+                             ELSE a.first_risk_driver END
 FROM unnest($1::bigint[], $3::text[], $4::text[], $5::smallint[], $6::float8[], $7::float8[],
-            $8::text[], $9::boolean[], $10::boolean[], $11::integer[])
+            $8::text[], $9::boolean[], $10::boolean[], $11::integer[], $13::float8[],
+            $14::float8[], $15::text[])
      AS u(id, tier, computed_tier, demotion_count, score, risk, band, override_expired, snapshot,
-          basis)
+          basis, revenue, gross_profit, first_risk_driver)
 WHERE a.id = u.id
 """
 
@@ -134,6 +139,13 @@ def _nullable(values: FloatArray) -> list[float | None]:
     return [None if not math.isfinite(v) else float(v) for v in values]
 
 
+def _first_risk_driver(drivers: dict[str, Any] | None) -> str | None:
+    """The first risk reason in words, as the worklist shows it beside the account."""
+    reasons = (drivers or {}).get("risk") or [None]
+    text = reasons[0].get("text") if isinstance(reasons[0], dict) else None
+    return text if isinstance(text, str) else None
+
+
 async def store(
     session: AsyncSession,
     *,
@@ -189,6 +201,10 @@ async def store(
             [d is not None for d in drivers],
             result.tier_basis,
             population_fit_id,
+            # The snapshot's figures that the worklist lists and sorts by (see ``Account``).
+            _nullable(np.round(table.columns["revenue_12m"], 6)),
+            _nullable(np.round(table.columns["gross_profit_12m"], 6)),
+            [_first_risk_driver(d) for d in drivers],
         ),
     )
     changed = [i for i in range(len(ids)) if state.tier[i] != result.tier[i]]

@@ -15,7 +15,18 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVarTuple
 
-from sqlalchemy import ColumnElement, Select, and_, func, or_, select, true, tuple_, update
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    and_,
+    func,
+    literal_column,
+    or_,
+    select,
+    true,
+    tuple_,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
@@ -144,22 +155,21 @@ async def list_accounts(
     """One page of the accounts ``viewer`` may see, filtered, in a stable order; the page's
     ``next_cursor`` continues it (a cursor of another sort is a 400). ``gross_profit_at_risk``
     is the workspace's worklist order: risk times the 12 months' gross profit, largest first."""
-    latest = _latest_evaluation()
-    # Unscored accounts have no risk; -1 is below every probability, so they sort last.
+    # Unscored accounts have no risk; -1 is below every probability, so they sort last. The
+    # worklist's key is written as in the index that serves it (``ix_accounts_worklist``).
     risk = func.coalesce(Account.risk_probability, -1.0)
-    at_risk = func.coalesce(Account.risk_probability * latest.c.gross_profit_12m, -1.0)
+    at_risk = func.coalesce(Account.gross_profit_at_risk, literal_column("-1"))
     query = (
         select(
             Account,
             Manager.external_id,
             _parent.external_id,
-            latest.c.revenue_12m,
-            latest.c.gross_profit_12m,
-            latest.c.first_risk_driver,
+            Account.revenue_12m,
+            Account.gross_profit_12m,
+            Account.first_risk_driver,
         )
         .outerjoin(Manager, Manager.id == Account.manager_id)
         .outerjoin(_parent, _parent.id == Account.parent_id)
-        .outerjoin(latest, true())
         .where(visible_to(viewer))
         .limit(limit + 1)
     )

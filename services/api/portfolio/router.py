@@ -41,7 +41,9 @@ Reader = Annotated[Principal, Depends(require(Scope.accounts_read))]
 PolicyWriter = Annotated[Principal, Depends(require(Scope.policy_write))]
 
 _DEFINITIONS = """
-Definitions (the window is the 12 months up to now):
+Definitions (the window is the 12 months up to `evaluated_at`, the last portfolio pass, which
+computes the window's figures once for every page instead of on every request; the pass runs
+hourly and after bulk loads):
 
 * **revenue_12m**: net amount of placed orders (not cancelled or returned) in the window;
   **gross_profit_12m**: amount minus cost of those orders whose cost is known (an order without
@@ -59,9 +61,9 @@ Definitions (the window is the 12 months up to now):
 """
 
 
-_PORTFOLIO = """KPIs of the whole book of accounts, evaluated now: accounts, revenue and gross
-profit per tier, the key accounts' share of them, retention, satisfaction, the key accounts at
-risk, and every manager's load. Needs scope `accounts:read`.
+_PORTFOLIO = """KPIs of the whole book of accounts, as of the last portfolio pass: accounts,
+revenue and gross profit per tier, the key accounts' share of them, retention, satisfaction, the
+key accounts at risk, and every manager's load. Needs scope `accounts:read`.
 """
 _MANAGER_PORTFOLIO = """The portfolio KPIs over the accounts assigned to this manager, with the
 manager's load (key and strategic accounts against capacity). An unknown manager is a 404.
@@ -91,7 +93,7 @@ async def get_pareto(session: SessionDep, principal: Reader) -> ParetoCurve:
     (80% of the gross profit). A key restricted to a manager sees that manager's accounts.
     Needs scope `accounts:read`."""
     manager_id = await viewer_manager_id(session, principal)
-    return await pareto_curve(session, now=datetime.now(UTC), manager_id=manager_id)
+    return await pareto_curve(session, manager_id=manager_id)
 
 
 @router.get(
@@ -104,7 +106,8 @@ async def get_trend(session: SessionDep, principal: Reader) -> KpiTrend:
     evaluations the key accounts, those at risk and their mean risk at the month's end. A key
     restricted to a manager sees that manager's accounts. Needs scope `accounts:read`."""
     manager_id = await viewer_manager_id(session, principal)
-    return KpiTrend(months=await kpi_trend(session, now=datetime.now(UTC), manager_id=manager_id))
+    as_of, months = await kpi_trend(session, now=datetime.now(UTC), manager_id=manager_id)
+    return KpiTrend(evaluated_at=as_of, months=months)
 
 
 @router.get(

@@ -35,6 +35,11 @@ class ParetoPoint(BaseModel):
 class ParetoCurve(BaseModel):
     """The 80/20 curve of the 12 months: accounts ranked by gross profit, largest first."""
 
+    evaluated_at: datetime | None = Field(
+        default=None,
+        description="As of: the portfolio pass that computed the curve, over the 12 months up "
+        "to it; null before the first pass.",
+    )
     accounts: int = Field(description="Accounts with gross profit in the window.")
     core_accounts: int = Field(
         description="How many of the largest bring 80% of the gross profit (the profit core)."
@@ -61,6 +66,11 @@ class TrendMonth(BaseModel):
 
 
 class KpiTrend(BaseModel):
+    evaluated_at: datetime | None = Field(
+        default=None,
+        description="As of: the portfolio pass that computed the months; null before the first "
+        "pass.",
+    )
     months: list[TrendMonth] = Field(description="The last 12 months, oldest first.")
 
 
@@ -131,7 +141,11 @@ class PortfolioKpis(BaseModel):
     """KPIs over a set of accounts. The window is the 12 months up to `evaluated_at`. Money is
     summed as sent, in the accounts' reporting currency (no conversion)."""
 
-    evaluated_at: datetime
+    evaluated_at: datetime = Field(
+        description="As of: the last portfolio pass, which computed the window's figures "
+        "(revenue, gross profit, retention, satisfaction); the tiers, risks and loads are "
+        "those of now. Before the first pass, now."
+    )
     window_start: datetime = Field(description="`evaluated_at` minus 12 months.")
     tiers: list[TierKpi] = Field(
         description="One row per tier, strategic first, then `unscored`; every row is present."

@@ -227,8 +227,8 @@ async def portfolio_page(request: Request, session: SessionDep) -> Response:
     now = datetime.now(UTC)
     kpis = await portfolio(session, viewer=person.principal, now=now)
     manager_id = await viewer_manager_id(session, person.principal)
-    pareto = await pareto_curve(session, now=now, manager_id=manager_id)
-    trend = await kpi_trend(session, now=now, manager_id=manager_id)
+    pareto = await pareto_curve(session, manager_id=manager_id)
+    _, trend = await kpi_trend(session, now=now, manager_id=manager_id)
     key_tiers = [t for t in kpis.tiers if t.tier.value in ("strategic", "key")]
     matrix: dict[str, dict[str, int]] = {}
     for cell in kpis.tier_band_matrix:
