@@ -565,10 +565,8 @@ def pass_breakdown(clock: _Clock, total_s: float) -> dict[str, float]:
         + clock.total("evaluate")
         + clock.total("store")
     )
-    summary = clock.total("store_portfolio_summaries")
-    steps["portfolio pages' summary (workspace)"] = summary
     steps["other (transactions, commits)"] = (
-        total_s - aggregates - to_arrays - stored - fit - chunks - summary
+        total_s - aggregates - to_arrays - stored - fit - chunks
     )
     return steps
 
@@ -602,7 +600,6 @@ async def _pass_in_this_process(hours_ahead: float) -> PassRun:
     clock.wrap_sync(passes, "evaluate")
     clock.wrap_async(passes, "store")
     clock.wrap_sync(evaluation, "_drivers")
-    clock.wrap_async(passes, "store_portfolio_summaries")
     clock.wrap_sync(features.FeatureTable, "record")
     engine = create_engine(settings)
     try:
@@ -981,18 +978,6 @@ def table_rows(results: Results, settle_s: float = 30.0) -> list[Row]:
                 f"{ratio:.1f}x",
                 f"<= {PASS_TARGET:g}x",
                 ratio <= PASS_TARGET,
-            )
-        )
-        summary = median(
-            [p.breakdown_s.get("portfolio pages' summary (workspace)", 0.0) for p in results.hourly]
-        )
-        scoring = results.pass_s - summary
-        rows.append(
-            Row(
-                "  of which scoring (without the pages' summary)",
-                f"{scoring:.2f} s",
-                f"{ceiling:.2f} s",
-                f"{scoring / ceiling if ceiling else float('inf'):.1f}x",
             )
         )
     if results.passes:

@@ -81,14 +81,16 @@ async def _summarised(dsn: str) -> bool:
 
 
 async def _portfolio_pass(database_url: str) -> float:
-    from services.scorer.passes import run_portfolio_pass
+    from services.scorer.passes import run_portfolio_pass, summarise_portfolio
     from shared.db import create_engine, create_sessionmaker
     from shared.settings import Settings
 
     engine = create_engine(Settings(database_url=database_url, log_level="WARNING"))
     try:
         started = time.perf_counter()
-        await run_portfolio_pass(create_sessionmaker(engine), now=datetime.now(UTC))
+        sessionmaker = create_sessionmaker(engine)
+        await run_portfolio_pass(sessionmaker, now=datetime.now(UTC))
+        await summarise_portfolio(sessionmaker)
         return time.perf_counter() - started
     finally:
         await engine.dispose()

@@ -12,7 +12,12 @@ from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import distinct_on
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from services.scorer.passes import rescore_accounts, run_portfolio_pass, settling_reason
+from services.scorer.passes import (
+    rescore_accounts,
+    run_portfolio_pass,
+    settling_reason,
+    summarise_portfolio,
+)
 from services.scorer.summary import pareto
 from shared.db import create_sessionmaker
 from shared.models import Account, Order, PortfolioSummary, ScoreSnapshot
@@ -57,6 +62,7 @@ async def test_a_pass_stores_the_summary_and_the_worklist_figures(
     specs = ordinary_accounts(30)
     await send(client, admin_headers, specs, NOW)
     assert await run_portfolio_pass(sessionmaker, now=NOW) == len(specs)
+    await summarise_portfolio(sessionmaker, now=NOW)
 
     # Each account row carries its newest snapshot's listed figures.
     latest = (
@@ -133,6 +139,7 @@ async def test_a_pass_stores_the_summary_and_the_worklist_figures(
     # A later pass replaces the summary.
     later = NOW + timedelta(hours=1)
     await run_portfolio_pass(sessionmaker, now=later)
+    await summarise_portfolio(sessionmaker, now=later)
     session.expire_all()
     assert [r.computed_at for r in await session.scalars(select(PortfolioSummary))] == [later]
 
@@ -152,5 +159,6 @@ async def test_the_first_pass_is_asked_for_while_there_is_no_summary(
     async with sessionmaker() as s:
         assert await settling_reason(s) == "no portfolio summary yet"
     await run_portfolio_pass(sessionmaker, now=NOW)
+    await summarise_portfolio(sessionmaker, now=NOW)
     async with sessionmaker() as s:
         assert await settling_reason(s) != "no portfolio summary yet"

@@ -26,6 +26,7 @@ from services.scorer.passes import (
     rescore_accounts,
     run_portfolio_pass,
     settling_reason,
+    summarise_portfolio,
 )
 from services.scorer.policies import active_policy
 from services.scorer.reclaim import JOB_PREFIX, Refusals, reclaim_orphans
@@ -138,7 +139,10 @@ async def clear_dirty_mark(session: AsyncSession, *, account_id: int, seen_seq: 
 async def portfolio_pass(ctx: dict[str, Any]) -> int | None:
     """Refit the population facts and rescore every account (hourly, and on demand)."""
     try:
-        return await run_portfolio_pass(ctx["sessionmaker"])
+        accounts = await run_portfolio_pass(ctx["sessionmaker"])
+        if accounts is not None:
+            await summarise_portfolio(ctx["sessionmaker"])
+        return accounts
     except _DB_ERRORS as exc:
         tries: int = ctx.get("job_try", 1)
         log.warning("job_database_error", error=type(exc).__name__, job_try=tries)

@@ -8,7 +8,8 @@
   rescore scored after the pass began is not overwritten with the pass's older view: if that
   rescore used the superseded facts, the account is marked dirty and rescored with the new
   ones; otherwise it is left as it is.
-  At its end the pass stores the portfolio summary (``summary``) the portfolio pages read.
+- ``summarise_portfolio``: what the portfolio pages read (``summary``), stored by the
+  portfolio-pass job right after each pass, as a step of its own.
 - ``settling_reason``: whether the portfolio grew or changed so much since the last fit (a bulk
   load) that a full pass should run as soon as the load goes quiet, instead of at the hour.
 
@@ -267,15 +268,8 @@ async def _portfolio_pass(sessionmaker: async_sessionmaker[AsyncSession], *, at:
                 population_fit_id=fit_id,
                 now=at,
             )
-    # What the portfolio pages show, aggregated once here instead of on every view.
-    summary_started = time.perf_counter()
-    async with sessionmaker() as session, session.begin():
-        scopes = await store_portfolio_summaries(session, now=at)
-    summary_seconds = round(time.perf_counter() - summary_started, 3)
     log.info(
         "portfolio_pass_done",
-        summary_scopes=scopes,
-        summary_seconds=summary_seconds,
         accounts=len(table),
         aggregated=int(aggregates.fresh.sum()),
         written=written,
@@ -335,3 +329,19 @@ async def latest_change_number(session: AsyncSession) -> int:
         text("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM account_changes_seq")
     )
     return int(result.scalar_one())
+
+
+async def summarise_portfolio(
+    sessionmaker: async_sessionmaker[AsyncSession], *, now: datetime | None = None
+) -> int:
+    """Store what the portfolio pages show (``summary``), aggregated once after a pass instead
+    of on every view; returns the scopes written. The portfolio-pass job runs it right after
+    the pass, as a step of its own: the pages' aggregation over the orders and the snapshots
+    (about 6 s at 100,000 accounts and 5M orders) is not the scoring's."""
+    started = time.perf_counter()
+    async with sessionmaker() as session, session.begin():
+        scopes = await store_portfolio_summaries(session, now=_now(now))
+    log.info(
+        "portfolio_summary_done", scopes=scopes, seconds=round(time.perf_counter() - started, 3)
+    )
+    return scopes
