@@ -58,6 +58,22 @@ class ScratchUrls:
     notes: tuple[str, ...] = ()
 
 
+def named_scratch_urls(database: str, redis_db: int) -> ScratchUrls:
+    """The scratch databases of one benchmark: ``database`` and Redis db ``redis_db`` unless
+    ``KAM_DATABASE_URL`` / ``KAM_REDIS_URL`` name scratch ones, so that benchmarks never share
+    their defaults."""
+    env = dict(os.environ)
+    url = make_url(env.get("KAM_DATABASE_URL") or "postgresql+asyncpg://postgres@127.0.0.1:5432/")
+    if "bench" not in (url.database or ""):
+        url = url.set(database=database)
+    env["KAM_DATABASE_URL"] = url.render_as_string(hide_password=False)
+    redis_url = urlsplit(env.get("KAM_REDIS_URL") or "redis://127.0.0.1:6379/0")
+    if redis_url.path.strip("/") in ("", "0"):
+        redis_url = redis_url._replace(path=f"/{redis_db}")
+    env["KAM_REDIS_URL"] = urlunsplit(redis_url)
+    return scratch_urls(env)
+
+
 def scratch_urls(environ: Mapping[str, str] | None = None) -> ScratchUrls:
     """The scratch databases on the servers of ``KAM_DATABASE_URL`` / ``KAM_REDIS_URL``.
 

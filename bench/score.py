@@ -50,11 +50,9 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import httpx
-from sqlalchemy.engine import make_url
 
 from bench.common import (
     RESULTS_DIR,
@@ -65,11 +63,11 @@ from bench.common import (
     UvicornServer,
     flush_redis,
     median,
+    named_scratch_urls,
     proc_status_kib,
     quantile,
     recreate_database,
     run_cli,
-    scratch_urls,
     wait_for_worker,
 )
 
@@ -1168,19 +1166,7 @@ def results_json(
 
 
 def score_scratch_urls() -> ScratchUrls:
-    """The scratch databases of this benchmark: ``kam_bench_score`` and Redis db 6 unless
-    ``KAM_DATABASE_URL`` / ``KAM_REDIS_URL`` name scratch ones, so that it never shares them
-    with the ingestion benchmark's defaults."""
-    env = dict(os.environ)
-    url = make_url(env.get("KAM_DATABASE_URL") or "postgresql+asyncpg://postgres@127.0.0.1:5432/")
-    if "bench" not in (url.database or ""):
-        url = url.set(database=SCORE_DATABASE)
-    env["KAM_DATABASE_URL"] = url.render_as_string(hide_password=False)
-    redis_url = urlsplit(env.get("KAM_REDIS_URL") or "redis://127.0.0.1:6379/0")
-    if redis_url.path.strip("/") in ("", "0"):
-        redis_url = redis_url._replace(path=f"/{SCORE_REDIS_DB}")
-    env["KAM_REDIS_URL"] = urlunsplit(redis_url)
-    return scratch_urls(env)
+    return named_scratch_urls(SCORE_DATABASE, SCORE_REDIS_DB)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -26,11 +26,9 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import httpx
-from sqlalchemy.engine import make_url
 
 from bench.common import (
     RESULTS_DIR,
@@ -38,10 +36,10 @@ from bench.common import (
     ScratchUrls,
     UvicornServer,
     flush_redis,
+    named_scratch_urls,
     quantile,
     recreate_database,
     run_cli,
-    scratch_urls,
 )
 from bench.score import generate_portfolio
 
@@ -52,16 +50,7 @@ RESULTS_FILE = RESULTS_DIR / "web.json"
 
 
 def web_scratch_urls() -> ScratchUrls:
-    env = dict(os.environ)
-    url = make_url(env.get("KAM_DATABASE_URL") or "postgresql+asyncpg://postgres@127.0.0.1:5432/")
-    if "bench" not in (url.database or ""):
-        url = url.set(database=WEB_DATABASE)
-    env["KAM_DATABASE_URL"] = url.render_as_string(hide_password=False)
-    redis_url = urlsplit(env.get("KAM_REDIS_URL") or "redis://127.0.0.1:6379/0")
-    if redis_url.path.strip("/") in ("", "0"):
-        redis_url = redis_url._replace(path=f"/{WEB_REDIS_DB}")
-    env["KAM_REDIS_URL"] = urlunsplit(redis_url)
-    return scratch_urls(env)
+    return named_scratch_urls(WEB_DATABASE, WEB_REDIS_DB)
 
 
 async def _scored(dsn: str) -> int:

@@ -13,11 +13,6 @@ surveys and ``churn_reason`` only on lost accounts are stated in the schema, as 
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -29,53 +24,14 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from services.api.app import create_app
 from shared.settings import Settings
+from tests.live import live_api
 
 
 @pytest.fixture(scope="module")
-def live_url(settings: Settings) -> Iterator[str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {
-        **os.environ,
-        "KAM_DATABASE_URL": settings.database_url,
-        "KAM_REDIS_URL": settings.redis_url,
-        "KAM_QUEUE_NAME": settings.queue_name,
-        "KAM_ENV": "test",
-        "KAM_RATE_LIMIT_FAILED_AUTH": settings.rate_limit_failed_auth,
-        "KAM_RATE_LIMIT_WRITES": settings.rate_limit_writes,
-        "KAM_RATE_LIMIT_READS": settings.rate_limit_reads,
-        "KAM_LOG_LEVEL": "WARNING",
-    }
-    server = subprocess.Popen(  # noqa: S603
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "services.api.app:create_app",
-            "--factory",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ],
-        env=env,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                httpx.get(f"{url}/healthz", timeout=1)
-                break
-            except httpx.TransportError:
-                time.sleep(0.2)
+def live_url(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    log_file = tmp_path_factory.mktemp("conformance") / "api.log"
+    with live_api(settings, log_file, KAM_LOG_LEVEL="WARNING") as url:
         yield url
-    finally:
-        server.terminate()
-        server.wait(timeout=20)
 
 
 # The document the live server serves at /openapi.json, built the same way (no I/O needed);
